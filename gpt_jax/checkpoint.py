@@ -1,0 +1,81 @@
+"""Checkpoints through orbax's CheckpointManager: train state plus config and tokenizer as JSON.
+
+Layout: OUT_DIR/checkpoints/<step>/{state, config, tokenizer}. Every checkpoint carries the
+model's hyperparameters and the tokenizer table, so sampling needs nothing else.
+"""
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from gpt_jax.errors import UserError
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(out_dir) -> Path:
+    return Path(out_dir).expanduser().absolute() / CHECKPOINT_SUBDIR
+
+
+def make_manager(out_dir, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    """Returns a manager over OUT_DIR/checkpoints keeping the newest `keep` checkpoints."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options,
+                                 item_names=("state", "config", "tokenizer"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, config: dict, tokenizer: dict) -> None:
+    """Starts saving `state` at `step` (asynchronously; call manager.wait_until_finished())."""
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config),
+        tokenizer=ocp.args.JsonSave(tokenizer),
+    ), force=True)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Returns the train state saved at `step`, shaped and placed like `abstract_state`."""
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as err:  # orbax raises many types for a damaged or mismatched tree
+        raise UserError(
+            f"checkpoint {manager.directory / str(step)} could not be restored ({_first_line(err)}): "
+            "delete that step's directory to fall back to an earlier one, or use a new out_dir"
+        ) from None
+    return restored.state
+
+
+def open_for_reading(out_dir) -> ocp.CheckpointManager:
+    """Returns a manager over an existing run's checkpoints, or raises UserError."""
+    directory = checkpoint_dir(out_dir)
+    if not Path(out_dir).expanduser().is_dir():
+        raise UserError(f"checkpoint directory {out_dir} does not exist: pass the out_dir of a "
+                        "training run, e.g. --checkpoint out/shakespeare")
+    manager = make_manager(out_dir, create=False) if directory.is_dir() else None
+    if manager is None or manager.latest_step() is None:
+        raise UserError(f"{out_dir} holds no checkpoint (nothing under {directory}): train first "
+                        f"with python train.py --config ... --config.out_dir={out_dir}")
+    return manager
+
+
+def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    """Returns (config, tokenizer table) saved with the checkpoint at `step`."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+    return dict(restored.config), dict(restored.tokenizer)
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
+    """Returns only the parameters saved at `step` (the optimizer state is not read)."""
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+    return restored.state["params"]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__

@@ -1,0 +1,48 @@
+"""Command-line plumbing shared by train.py and bench.py: the --config flag and its errors."""
+
+import os
+import re
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from gpt_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path of a config file (configs/*.py) with get_config().", lock_config=True)
+
+
+def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
+    """Returns the config that `--config FILE --config.FIELD=VALUE ...` describes.
+
+    Raises UserError with one line for a missing file, an unknown field or a wrong type.
+    """
+    try:
+        FLAGS(argv)
+    except flags.UnrecognizedFlagError as err:
+        raise UserError(f"{err}: use --config FILE and --config.FIELD=VALUE") from None
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"bad --config override: {_clean(err)} (the fields are listed in "
+                        "gpt_jax/config.py and the README)") from None
+    if FLAGS["config"].present == 0 and _CONFIG.value is None:
+        raise UserError("no config given: pass --config configs/shakespeare.py")
+    filename = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.isfile(filename):
+        raise UserError(f"config file {filename} does not exist: pick one of configs/*.py")
+    try:
+        return _CONFIG.value
+    except Exception as err:  # the config file itself failed to load
+        raise UserError(f"config file {filename} could not be loaded: {_clean(err)}") from None
+
+
+def _clean(err: BaseException) -> str:
+    text = str(err)
+    typo = re.search(r'Did you mean "([\w.]+)" instead of "([\w.]+)"', text)
+    if typo:
+        return f"unknown field '{typo.group(2)}' (did you mean '{typo.group(1)}'?)"
+    key = re.fullmatch(r"""['"]*([\w.]+)['"]*""", text.strip())
+    if isinstance(err, (KeyError, AttributeError)) and key:
+        return f"unknown field '{key.group(1)}'"
+    return re.sub(r"\s+", " ", text.replace("\\n", " ")).strip()

@@ -1,0 +1,76 @@
+"""The full set of training settings with their defaults; recipes in configs/ override a few."""
+
+import ml_collections
+
+from gpt_jax.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns every field a run reads, set to GPT-2-style defaults."""
+    c = ml_collections.ConfigDict()
+    c.out_dir = "out/default"
+    c.seed = 1337
+    c.batch_size = 12  # sequences per optimizer step
+    c.max_steps = 5000  # optimizer updates in the whole run
+    c.eval_interval = 250
+    c.eval_iters = 200  # batches per split in each loss estimate
+    c.log_interval = 10
+    c.checkpoint_interval = 250
+    c.keep_checkpoints = 3  # newest checkpoints kept in out_dir
+
+    # AdamW with linear warmup, then cosine decay to min_lr at decay_steps (0: max_steps).
+    c.learning_rate = 6e-4
+    c.min_lr = 6e-5
+    c.warmup_steps = 100
+    c.decay_steps = 0
+    c.weight_decay = 0.1
+    c.beta1 = 0.9
+    c.beta2 = 0.95
+    c.grad_clip = 1.0  # global-norm clipping; 0 turns it off
+
+    c.data = ml_collections.ConfigDict()
+    # A UTF-8 text file, or a directory prepared by nanoGPT (train.bin, val.bin, meta.pkl).
+    # Empty: tiny-shakespeare, from $GPT_JAX_SHAKESPEARE or downloaded into cache_dir.
+    c.data.path = ""
+    c.data.cache_dir = ""  # empty: ~/.cache/gpt_jax (or $GPT_JAX_CACHE)
+    c.data.val_fraction = 0.1
+
+    c.model = ml_collections.ConfigDict()
+    c.model.block_size = 1024
+    c.model.n_layer = 12
+    c.model.n_head = 12
+    c.model.n_embd = 768
+    c.model.dropout = 0.0
+    c.model.bias = True
+    c.model.qkv_bias = True
+    c.model.pos_encoding = "learned"
+    c.model.tie_embeddings = True
+    c.model.dtype = "float32"
+    return c
+
+
+_POSITIVE = ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
+             "checkpoint_interval", "keep_checkpoints")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises UserError naming the first field that cannot work."""
+    for name in _POSITIVE:
+        if config[name] < 1:
+            raise UserError(f"{name} must be at least 1, got {config[name]}: set --config.{name}=N")
+    for name in ("warmup_steps", "decay_steps"):
+        if config[name] < 0:
+            raise UserError(f"{name} must be >= 0, got {config[name]}")
+    if config.learning_rate <= 0 or config.min_lr < 0 or config.min_lr > config.learning_rate:
+        raise UserError(
+            f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
+            f"{config.learning_rate}, min_lr={config.min_lr}"
+        )
+    decay = config.decay_steps or config.max_steps
+    if config.warmup_steps > decay:
+        raise UserError(
+            f"warmup_steps={config.warmup_steps} is longer than the decay ({decay} steps): "
+            "lower --config.warmup_steps or raise --config.decay_steps"
+        )
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}")

@@ -1,0 +1,274 @@
+"""Tokenizers, corpus preparation into uint16 token files, and reproducible batch sampling."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from gpt_jax.errors import UserError
+
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_ENV = "GPT_JAX_SHAKESPEARE"  # path of a local tinyshakespeare.txt
+CACHE_ENV = "GPT_JAX_CACHE"  # default root of prepared corpora and downloads
+TOKEN_DTYPE = np.uint16  # the on-disk format of train.bin / val.bin (nanoGPT's)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """One token per character; ids index the sorted unique characters of the corpus."""
+
+    chars: str
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = {ch: i for i, ch in enumerate(self.chars)}
+        unknown = sorted({ch for ch in text if ch not in stoi})
+        if unknown:
+            shown = ", ".join(repr(ch) for ch in unknown[:10])
+            raise UserError(
+                f"the text has {len(unknown)} character(s) outside the model's vocabulary "
+                f"({shown}): use only characters of the training corpus"
+            )
+        return [stoi[ch] for ch in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+@dataclasses.dataclass(frozen=True)
+class TiktokenTokenizer:
+    """GPT-2 byte-pair encoding through tiktoken (for corpora prepared by nanoGPT's scripts)."""
+
+    encoding: str = "gpt2"
+
+    @property
+    def _enc(self):
+        import tiktoken
+
+        return tiktoken.get_encoding(self.encoding)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def to_json(self) -> dict:
+        return {"kind": "tiktoken", "encoding": self.encoding}
+
+
+def tokenizer_from_json(table: dict):
+    """Returns the tokenizer that `tokenizer.to_json()` described."""
+    kind = table.get("kind")
+    if kind == "char":
+        return CharTokenizer(table["chars"])
+    if kind == "tiktoken":
+        return TiktokenTokenizer(table["encoding"])
+    raise UserError(f"unknown tokenizer kind {kind!r} in a saved tokenizer table")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Train and val token arrays (memory-mapped uint16) with the tokenizer that made them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: object
+    directory: Path
+
+    def check_fits(self, block_size: int) -> None:
+        """Raises UserError if a split is too short for one crop of block_size + 1 tokens."""
+        for split in ("train", "val"):
+            n = len(getattr(self, split))
+            if n < block_size + 1:
+                raise UserError(
+                    f"the {split} split of {self.directory} has {n} tokens but a crop needs "
+                    f"block_size+1 = {block_size + 1}: use a longer corpus or lower "
+                    "--config.model.block_size"
+                )
+
+
+def cache_root(data_config) -> Path:
+    """Returns where downloads and prepared corpora live."""
+    root = data_config.cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/gpt_jax"
+    return Path(root).expanduser()
+
+
+def load_dataset(data_config) -> Dataset:
+    """Returns the dataset the config names, preparing a text corpus on first use."""
+    path = corpus_path(data_config)
+    if path.is_dir():
+        return read_prepared(path)
+    prepared = prepare_char_corpus(path, cache_root(data_config), data_config.val_fraction)
+    return read_prepared(prepared)
+
+
+def corpus_path(data_config) -> Path:
+    """Returns the path of the corpus: data.path, $GPT_JAX_SHAKESPEARE, or a download."""
+    if data_config.path:
+        path = Path(data_config.path).expanduser()
+        if not path.exists():
+            raise UserError(f"data.path {path} does not exist: point --config.data.path at a "
+                            "UTF-8 text file or a prepared directory")
+        return path
+    env = os.environ.get(SHAKESPEARE_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise UserError(f"${SHAKESPEARE_ENV}={env} is not a file: point it at tinyshakespeare.txt")
+        _verify_shakespeare(path, f"${SHAKESPEARE_ENV}")
+        return path
+    return download_shakespeare(cache_root(data_config))
+
+
+def _verify_shakespeare(path: Path, origin: str) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise UserError(
+            f"{path} (from {origin}) is not tiny-shakespeare (sha256 {digest[:12]}…, expected "
+            f"{SHAKESPEARE_SHA256[:12]}…): use the file from {SHAKESPEARE_URL}, or pass another "
+            "corpus as --config.data.path"
+        )
+
+
+def download_shakespeare(root: Path) -> Path:
+    """Returns the path of tiny-shakespeare under root, downloading and verifying it once."""
+    path = root / "tinyshakespeare.txt"
+    if path.is_file():
+        _verify_shakespeare(path, "the download cache")
+        return path
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            payload = response.read()
+    except OSError as err:
+        raise UserError(
+            f"tiny-shakespeare is not in {root} and could not be downloaded "
+            f"({getattr(err, 'reason', err)}): download {SHAKESPEARE_URL} yourself and set "
+            f"{SHAKESPEARE_ENV}=/path/to/input.txt, or pass --config.data.path=/path/to/input.txt"
+        ) from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise UserError(f"the download from {SHAKESPEARE_URL} has sha256 {digest}, expected "
+                        f"{SHAKESPEARE_SHA256}: try again later or supply the file yourself")
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, payload)
+    return path
+
+
+def prepare_char_corpus(text_path: Path, root: Path, val_fraction: float = 0.1) -> Path:
+    """Returns a directory with train.bin, val.bin and meta.json for a character-level corpus.
+
+    The directory sits under root, keyed by the file's sha256 and the split, so the user's
+    own folder is never written to and a second run reuses the first run's work.
+    """
+    raw = text_path.read_bytes()
+    if not raw.strip():
+        raise UserError(f"corpus {text_path} is empty: give a UTF-8 text file with some text in it")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"corpus {text_path} is not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+            f"{err.start}): convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+        ) from None
+    key = hashlib.sha256(raw + f"|val_fraction={val_fraction}".encode()).hexdigest()[:16]
+    dest = root / "char" / key
+    if (dest / "meta.json").is_file():
+        return dest
+    tokenizer = CharTokenizer.from_text(text)
+    if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max:
+        raise UserError(f"corpus {text_path} has {tokenizer.vocab_size} distinct characters; "
+                        "at most 65535 fit the uint16 token format")
+    lookup = np.zeros(max(map(ord, tokenizer.chars)) + 1, dtype=TOKEN_DTYPE)
+    lookup[[ord(ch) for ch in tokenizer.chars]] = np.arange(tokenizer.vocab_size)
+    ids = lookup[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".prepare-"))
+    try:
+        ids[:n_train].tofile(tmp / "train.bin")
+        ids[n_train:].tofile(tmp / "val.bin")
+        meta = {"tokenizer": tokenizer.to_json(), "vocab_size": tokenizer.vocab_size,
+                "source": str(text_path), "sha256": hashlib.sha256(raw).hexdigest()}
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def read_prepared(directory: Path) -> Dataset:
+    """Returns the dataset of a prepared directory: ours (meta.json) or nanoGPT's (meta.pkl)."""
+    missing = [n for n in ("train.bin", "val.bin") if not (directory / n).is_file()]
+    if missing:
+        raise UserError(f"{directory} is not a prepared corpus (no {', '.join(missing)}): point "
+                        "--config.data.path at a text file or at a directory with train.bin/val.bin")
+    if (directory / "meta.json").is_file():
+        meta = json.loads((directory / "meta.json").read_text())
+        tokenizer = tokenizer_from_json(meta["tokenizer"])
+    elif (directory / "meta.pkl").is_file():
+        with open(directory / "meta.pkl", "rb") as f:
+            meta = pickle.load(f)
+        itos = meta["itos"]
+        tokenizer = CharTokenizer("".join(itos[i] for i in range(len(itos))))
+    else:  # nanoGPT's BPE corpora (openwebtext, shakespeare) carry no meta file.
+        tokenizer = TiktokenTokenizer("gpt2")
+    train = np.memmap(directory / "train.bin", dtype=TOKEN_DTYPE, mode="r")
+    val = np.memmap(directory / "val.bin", dtype=TOKEN_DTYPE, mode="r")
+    return Dataset(train=train, val=val, tokenizer=tokenizer, directory=directory)
+
+
+def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- batches
+
+SPLIT_STREAMS = {"train": 0, "val": 1}
+
+
+def get_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int, step: int,
+              stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (inputs, targets), each int32 (batch_size, block_size), for one training step.
+
+    Each row is a random contiguous crop of block_size + 1 tokens whose start is a pure
+    function of (seed, stream, step), so any step's batch can be rebuilt after a restart.
+    """
+    rng = np.random.default_rng((seed, stream, step))
+    starts_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    crops_BT = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)
+    return crops_BT[:, :-1], crops_BT[:, 1:]

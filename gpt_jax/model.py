@@ -1,0 +1,209 @@
+"""The GPT model: GPTConfig plus small Flax linen modules, read top to bottom like GPT-2."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt_jax.errors import UserError
+
+POS_ENCODINGS = ("learned", "sinusoidal")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of one GPT; built as GPTConfig(vocab_size=V, **config.model)."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in every Dense and LayerNorm (GPT-2: True)
+    qkv_bias: bool = True  # bias on the fused qkv projection (only when `bias`)
+    pos_encoding: str = "learned"  # learned | sinusoidal
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}: "
+                "choose n_embd a multiple of n_head (e.g. --config.model.n_embd="
+                f"{self.n_head * max(1, round(self.n_embd / self.n_head))})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise UserError(
+                f"model.pos_encoding={self.pos_encoding!r} is unknown: use one of {POS_ENCODINGS}"
+            )
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02, use_bias=None):
+    return nn.Dense(
+        features,
+        use_bias=config.bias if use_bias is None else use_bias,
+        dtype=config.compute_dtype,
+        kernel_init=nn.initializers.normal(std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
+    # GPT-2 uses eps 1e-5 (PyTorch's default), not Flax's 1e-6.
+    return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=jnp.float32, name=name)
+
+
+def _residual_std(config: GPTConfig) -> float:
+    # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
+def sinusoidal_positions(block_size: int, n_embd: int) -> np.ndarray:
+    """Returns the (block_size, n_embd) sine/cosine table of "Attention is all you need"."""
+    pos_T1 = np.arange(block_size, dtype=np.float64)[:, None]
+    freq_D = np.exp(-math.log(10000.0) * np.arange(0, n_embd, 2, dtype=np.float64) / n_embd)
+    table_TD = np.zeros((block_size, n_embd), dtype=np.float64)
+    table_TD[:, 0::2] = np.sin(pos_T1 * freq_D)
+    table_TD[:, 1::2] = np.cos(pos_T1 * freq_D[: n_embd // 2])
+    return table_TD.astype(np.float32)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and a causal mask."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        B, T, D = x_BTD.shape
+        H = cfg.n_head
+        qkv_BT3D = _dense(cfg, 3 * D, "c_attn", use_bias=cfg.bias and cfg.qkv_bias)(x_BTD)
+        q_BTHK, k_BTHK, v_BTHK = (
+            a.reshape(B, T, H, D // H) for a in jnp.split(qkv_BT3D, 3, axis=-1)
+        )
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK) / math.sqrt(D // H)
+        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+        scores_BHTS = jnp.where(causal_TS, scores_BHTS.astype(jnp.float32), -jnp.inf)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
+        probs_BHTS = nn.Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
+        y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
+        y_BTD = _dense(cfg, D, "c_proj", std=_residual_std(cfg))(y_BTHK.reshape(B, T, D))
+        return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network of width 4 * n_embd with tanh-approximated GELU."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        h_BTF = _dense(cfg, 4 * cfg.n_embd, "c_fc")(x_BTD)
+        h_BTF = nn.gelu(h_BTF, approximate=True)
+        y_BTD = _dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg))(h_BTF)
+        return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        h_BTD = _layer_norm(cfg, "ln_1")(x_BTD).astype(cfg.compute_dtype)
+        x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(h_BTD, deterministic)
+        h_BTD = _layer_norm(cfg, "ln_2")(x_BTD).astype(cfg.compute_dtype)
+        return x_BTD + MLP(cfg, name="mlp")(h_BTD, deterministic)
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: token ids (B, T) -> next-token logits (B, T, vocab_size) in float32.
+
+    Dropout is active only when the module is applied with a 'dropout' rng.
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, idx_BT: jax.Array) -> jax.Array:
+        cfg = self.config
+        B, T = idx_BT.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        deterministic = not self.has_rng("dropout")
+        wte = nn.Embed(
+            cfg.vocab_size, cfg.n_embd, embedding_init=nn.initializers.normal(0.02), name="wte"
+        )
+        x_BTD = wte(idx_BT)
+        if cfg.pos_encoding == "learned":
+            wpe = self.param("wpe", nn.initializers.normal(0.02), (cfg.block_size, cfg.n_embd))
+            x_BTD = x_BTD + wpe[:T]
+        else:
+            x_BTD = x_BTD + sinusoidal_positions(cfg.block_size, cfg.n_embd)[:T]
+        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+        for i in range(cfg.n_layer):
+            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
+        x_BTD = _layer_norm(cfg, "ln_f")(x_BTD).astype(cfg.compute_dtype)
+        if cfg.tie_embeddings:
+            logits_BTV = wte.attend(x_BTD)
+        else:
+            logits_BTV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(x_BTD)
+        return logits_BTV.astype(jnp.float32)
+
+
+def init_params(config: GPTConfig, rng: jax.Array):
+    """Returns freshly initialised parameters (GPT-2 initialisation) for `config`."""
+    dummy_BT = jnp.zeros((1, config.block_size), dtype=jnp.int32)
+    return GPT(config).init(rng, dummy_BT)["params"]
+
+
+def abstract_params(config: GPTConfig):
+    """Returns the parameter tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def count_params(config: GPTConfig) -> dict:
+    """Returns {'total': N, 'non_embedding': N - position embeddings} (GPT-2 papers quote the latter)."""
+    params = abstract_params(config)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    wpe = params["wpe"].size if "wpe" in params else 0
+    return {"total": total, "non_embedding": total - wpe}
+
+
+def size_report(config: GPTConfig) -> str:
+    """Returns a few lines: parameter counts and the memory of params, grads and AdamW state."""
+    counts = count_params(config)
+    n = counts["total"]
+    lines = [
+        f"parameters: {n:,} total, {counts['non_embedding']:,} without position embeddings",
+    ]
+    for dtype, nbytes in (("float32", 4), ("bfloat16", 2)):
+        params, grads, adam = n * nbytes, n * nbytes, 2 * n * nbytes
+        lines.append(
+            f"memory in {dtype}: params {_mib(params)}, grads {_mib(grads)}, "
+            f"AdamW state {_mib(adam)}, total {_mib(params + grads + adam)}"
+        )
+    return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"

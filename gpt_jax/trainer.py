@@ -1,0 +1,246 @@
+"""TrainState, the pure train and eval steps, and the training loop."""
+
+import functools
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gpt_jax import checkpoint, config as config_lib, data, metrics, optim
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT, GPTConfig, init_params, size_report
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates done
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array  # base key; step k's dropout key is fold_in(rng, k)
+
+
+class TrainingStopped(Exception):
+    """Raised when a signal asked the run to stop; the checkpoint is already saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, **config.model.to_dict())
+
+
+def init_train_state(model_cfg: GPTConfig, tx: optax.GradientTransformation,
+                     seed: int) -> TrainState:
+    """Returns the state before the first update: GPT-2 init and fresh AdamW moments."""
+    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = init_params(model_cfg, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=dropout_rng)
+
+
+def loss_fn(params: PyTree, model: GPT, batch, dropout_rng=None) -> jax.Array:
+    inputs_BT, targets_BT = batch
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    logits_BTV = model.apply({"params": params}, inputs_BT, rngs=rngs)
+    return metrics.cross_entropy(logits_BTV, targets_BT)
+
+
+def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """Returns the state after one AdamW update on `batch`, and that step's metrics.
+
+    `rng` is the dropout key of this step; the loop passes fold_in(state.rng, state.step)
+    so dropout masks are a pure function of (seed, step) and resumes are exact.
+    """
+    dropout_rng = rng if model.config.dropout > 0 else None
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, model, batch, dropout_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def make_train_step(model: GPT, tx: optax.GradientTransformation):
+    """Returns train_step jit-compiled with the state donated."""
+    return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+
+
+def make_eval_step(model: GPT):
+    """Returns a jitted (params, batch) -> mean loss, dropout off."""
+    return jax.jit(functools.partial(lambda params, batch, model: loss_fn(params, model, batch),
+                                     model=model))
+
+
+def estimate_loss(eval_step, params: PyTree, dataset: data.Dataset,
+                  config: ml_collections.ConfigDict, step: int) -> dict:
+    """Returns the mean loss over eval_iters random batches of each split (nanoGPT's estimate)."""
+    out = {}
+    for split in ("train", "val"):
+        losses = []
+        for i in range(config.eval_iters):
+            batch = data.get_batch(
+                getattr(dataset, split), batch_size=config.batch_size,
+                block_size=config.model.block_size, seed=config.seed,
+                stream=2 + data.SPLIT_STREAMS[split], step=step * config.eval_iters + i)
+            losses.append(eval_step(params, batch))
+        out[split] = float(np.mean(jax.device_get(losses)))
+    return out
+
+
+def train_batch(dataset: data.Dataset, config, step: int):
+    """Returns the batch of update number step + 1 (a pure function of seed and step)."""
+    return data.get_batch(dataset.train, batch_size=config.batch_size,
+                          block_size=config.model.block_size, seed=config.seed, step=step)
+
+
+class _StopRequests:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Trains (or resumes) the run that `config` describes; returns the last eval record."""
+    jax.config.update("jax_threefry_partitionable", True)
+    config_lib.validate(config)
+    dataset = data.load_dataset(config.data)
+    model_cfg = model_config(config, dataset.tokenizer.vocab_size)
+    dataset.check_fits(model_cfg.block_size)
+    log(f"data: {dataset.directory} ({len(dataset.train):,} train / {len(dataset.val):,} val "
+        f"tokens, vocab {model_cfg.vocab_size})")
+    log(size_report(model_cfg))
+
+    model = GPT(model_cfg)
+    tx = optim.make_optimizer(config)
+    schedule = optim.lr_schedule(config)
+    manager = checkpoint.make_manager(config.out_dir, keep=config.keep_checkpoints)
+    tokenizer_table = dataset.tokenizer.to_json()
+
+    state = init_train_state(model_cfg, tx, config.seed)
+    start = manager.latest_step()
+    if start is not None:
+        _check_compatible(config, manager, start, tokenizer_table)
+        state = checkpoint.restore_state(manager, start, state)
+        log(f"resuming from step {start}")
+    start = int(start or 0)
+    if start >= config.max_steps:
+        log(f"step {start} already reached max_steps={config.max_steps}: nothing to do "
+            "(raise --config.max_steps to train further)")
+        manager.close()
+        return {"step": start}
+
+    writer = metrics.MetricsWriter(config.out_dir, resume_step=start if start else None)
+    step_fn = make_train_step(model, tx)
+    eval_step = make_eval_step(model)
+    tokens_per_step = config.batch_size * model_cfg.block_size
+
+    def save(step):
+        checkpoint.save(manager, step, state, config.to_dict(), tokenizer_table)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, train_batch(dataset, config, start), state.rng).compile()
+    log(f"train step compiled in {time.perf_counter() - t0:.2f} s")
+
+    def evaluate(step: int) -> dict:
+        losses = estimate_loss(eval_step, state.params, dataset, config, step)
+        return {"eval_train_loss": losses["train"], "val_loss": losses["val"]}
+
+    last_eval = {}
+    step = start
+    try:
+        if start == 0:
+            last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0)}
+            writer.write(dict(last_eval, train_loss=last_eval["eval_train_loss"],
+                              tokens_per_sec=0.0))
+            log(metrics.format_record(last_eval))
+        with _StopRequests() as stop:
+            t_last, steps_since_log = time.perf_counter(), 0
+            while step < config.max_steps:
+                if stop.signum is not None:
+                    if step > start:
+                        save(step)
+                    manager.wait_until_finished()
+                    raise TrainingStopped(
+                        f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
+                        f"checkpoint saved in {checkpoint.checkpoint_dir(config.out_dir)}: run "
+                        "the same command to resume", 128 + stop.signum)
+
+                batch = train_batch(dataset, config, step)
+                state, step_metrics = compiled(state, batch, jax.random.fold_in(state.rng, step))
+                step += 1
+                steps_since_log += 1
+
+                is_last = step == config.max_steps
+                is_eval = step % config.eval_interval == 0 or is_last
+                if step % config.log_interval == 0 or is_eval:
+                    loss = float(step_metrics["loss"])
+                    elapsed = time.perf_counter() - t_last
+                    if not np.isfinite(loss):
+                        raise UserError(
+                            f"the loss became {loss} at step {step}: lower --config.learning_rate"
+                            " or raise --config.warmup_steps; the checkpoints in "
+                            f"{checkpoint.checkpoint_dir(config.out_dir)} are untouched")
+                    record = {"step": step, "train_loss": loss, "lr": float(schedule(step)),
+                              "grad_norm": float(step_metrics["grad_norm"]),
+                              "ms_per_step": 1000 * elapsed / steps_since_log,
+                              "tokens_per_sec": tokens_per_step * steps_since_log / elapsed}
+                    if is_eval:
+                        last_eval = {"step": step, "lr": record["lr"], **evaluate(step)}
+                        record.update(last_eval)
+                    writer.write(record)
+                    log(metrics.format_record(record))
+                    t_last, steps_since_log = time.perf_counter(), 0
+                if step % config.checkpoint_interval == 0 or is_last:
+                    save(step)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return last_eval
+
+
+def _check_compatible(config: ml_collections.ConfigDict, manager, step: int,
+                      tokenizer_table: dict) -> None:
+    """Raises UserError when out_dir's checkpoint was made by another model or tokenizer."""
+    saved_config, saved_tokenizer = checkpoint.read_metadata(manager, step)
+    saved_model, model = saved_config.get("model", {}), config.model.to_dict()
+    diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in model.items()
+             if saved_model.get(k) != v]
+    if diffs:
+        raise UserError(f"{config.out_dir} holds a checkpoint of a different model "
+                        f"(model.{'; model.'.join(diffs)}): use a new --config.out_dir or the "
+                        "settings it was trained with")
+    if saved_tokenizer != tokenizer_table:
+        raise UserError(f"{config.out_dir} holds a checkpoint trained on a corpus with another "
+                        "tokenizer: use a new --config.out_dir or the original data.path")

@@ -1,0 +1,20 @@
+"""Trains a GPT: python train.py --config configs/shakespeare.py [--config.FIELD=VALUE ...]"""
+
+import sys
+
+from gpt_jax.errors import UserError, exit_with
+
+
+def main(argv: list[str]) -> None:
+    from gpt_jax import cli, trainer
+
+    try:
+        trainer.run(cli.parse_config(argv))
+    except UserError as err:
+        exit_with(err)
+    except trainer.TrainingStopped as err:
+        exit_with(err, err.exit_code)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
