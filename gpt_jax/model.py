@@ -173,7 +173,7 @@ class GPT(nn.Module):
 def init_params(config: GPTConfig, rng: jax.Array):
     """Returns freshly initialised parameters (GPT-2 initialisation) for `config`."""
     dummy_BT = jnp.zeros((1, config.block_size), dtype=jnp.int32)
-    return GPT(config).init(rng, dummy_BT)["params"]
+    return jax.jit(lambda key: GPT(config).init(key, dummy_BT)["params"])(rng)
 
 
 def abstract_params(config: GPTConfig):

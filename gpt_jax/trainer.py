@@ -46,7 +46,7 @@ def init_train_state(model_cfg: GPTConfig, tx: optax.GradientTransformation,
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = init_params(model_cfg, init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=dropout_rng)
+                      opt_state=jax.jit(tx.init)(params), rng=dropout_rng)
 
 
 def loss_fn(params: PyTree, model: GPT, batch, dropout_rng=None) -> jax.Array:
