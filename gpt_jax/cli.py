@@ -19,6 +19,11 @@ def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
 
     Raises UserError with one line for a missing file, an unknown field or a wrong type.
     """
+    filename = _config_filename(argv)
+    if filename is None:
+        raise UserError("no config given: pass --config configs/shakespeare.py")
+    if not os.path.isfile(filename):
+        raise UserError(f"config file {filename} does not exist: pick one of configs/*.py")
     try:
         FLAGS(argv)
     except flags.UnrecognizedFlagError as err:
@@ -26,15 +31,20 @@ def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"bad --config override: {_clean(err)} (the fields are listed in "
                         "gpt_jax/config.py and the README)") from None
-    if FLAGS["config"].present == 0 and _CONFIG.value is None:
-        raise UserError("no config given: pass --config configs/shakespeare.py")
-    filename = config_flags.get_config_filename(FLAGS["config"])
-    if not os.path.isfile(filename):
-        raise UserError(f"config file {filename} does not exist: pick one of configs/*.py")
     try:
         return _CONFIG.value
     except Exception as err:  # the config file itself failed to load
         raise UserError(f"config file {filename} could not be loaded: {_clean(err)}") from None
+
+
+def _config_filename(argv: list[str]) -> str | None:
+    """Returns the value of --config in argv (the file part of FILE:ARGS), or None."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1].split(":")[0]
+    return None
 
 
 def _clean(err: BaseException) -> str:

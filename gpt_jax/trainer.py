@@ -68,7 +68,7 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def make_train_step(model: GPT, tx: optax.GradientTransformation):

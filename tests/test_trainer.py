@@ -1,0 +1,118 @@
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gpt_jax import checkpoint, data, optim, trainer
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT, GPTConfig
+
+
+def _params(out_dir, step):
+    manager = checkpoint.open_for_reading(out_dir)
+    cfg, tok = checkpoint.read_metadata(manager, step)
+    model_cfg = GPTConfig(vocab_size=data.tokenizer_from_json(tok).vocab_size, **cfg["model"])
+    from gpt_jax.model import abstract_params
+    return checkpoint.restore_params(manager, step, abstract_params(model_cfg))
+
+
+def _records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overfits_one_batch():
+    cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=64)
+    from configs.shakespeare_cpu import get_config
+    config = get_config()
+    config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps = 3e-3, 3e-3, 0, 300
+    config.weight_decay = 0.0
+    tx = optim.make_optimizer(config)
+    state = trainer.init_train_state(cfg, tx, seed=0)
+    tokens = np.random.default_rng(0).integers(0, 32, size=(4, 17)).astype(np.int32)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    step = trainer.make_train_step(GPT(cfg), tx)
+    for _ in range(300):
+        state, metrics = step(state, batch, state.rng)
+    assert float(metrics["loss"]) < 0.05
+    assert int(state.step) == 300
+
+
+def test_run_logs_evals_and_checkpoints(tiny_config, capsys):
+    trainer.run(tiny_config)
+    out = capsys.readouterr().out
+    assert "parameters: " in out and "memory in float32" in out and "compiled in" in out
+    records = _records(Path(tiny_config.out_dir))
+    assert [r["step"] for r in records] == [0, 5, 10, 15, 20]
+    assert all({"step", "train_loss", "lr", "tokens_per_sec"} <= r.keys() for r in records)
+    assert [("val_loss" in r) for r in records] == [True, False, True, False, True]
+    assert records[0]["lr"] == 0.0 and records[-1]["lr"] == pytest.approx(1e-4)
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+    manager = checkpoint.open_for_reading(tiny_config.out_dir)
+    assert sorted(manager.all_steps()) == [10, 20]
+    saved_config, tokenizer = checkpoint.read_metadata(manager, 20)
+    assert saved_config["model"]["n_embd"] == 32 and tokenizer["kind"] == "char"
+    assert len(tokenizer["chars"]) == 65
+
+
+def test_resume_is_bit_identical(tiny_config, tmp_path, capsys):
+    tiny_config.model.dropout = 0.1  # dropout masks must be reproduced too
+    straight = tiny_config.copy_and_resolve_references()
+    straight.out_dir = str(tmp_path / "straight")
+    trainer.run(straight)
+
+    tiny_config.out_dir = str(tmp_path / "stopped")
+    tiny_config.max_steps = 10
+    trainer.run(tiny_config)
+    tiny_config.max_steps = 20
+    capsys.readouterr()
+    trainer.run(tiny_config)
+    assert "resuming from step 10" in capsys.readouterr().out
+
+    a, b = _params(straight.out_dir, 20), _params(tiny_config.out_dir, 20)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_sec")}
+                        for r in rs]
+    assert strip(_records(tmp_path / "straight")) == strip(_records(tmp_path / "stopped"))
+
+
+def test_save_restore_gives_identical_params_and_next_step(tiny_config, tmp_path):
+    model_cfg = trainer.model_config(tiny_config, 65)
+    tx = optim.make_optimizer(tiny_config)
+    step = trainer.make_train_step(GPT(model_cfg), tx)
+    batch = trainer.train_batch(data.load_dataset(tiny_config.data), tiny_config, 0)
+    state = trainer.init_train_state(model_cfg, tx, seed=0)
+    for _ in range(3):
+        state, _ = step(state, batch, state.rng)
+    manager = checkpoint.make_manager(tmp_path / "ckpt")
+    checkpoint.save(manager, 3, state, tiny_config.to_dict(), {"kind": "char", "chars": "ab"})
+    manager.wait_until_finished()
+    template = trainer.init_train_state(model_cfg, tx, seed=1)
+    restored = checkpoint.restore_state(manager, 3, template)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
+    _, m1 = step(state, batch, state.rng)
+    _, m2 = step(restored, batch, restored.rng)
+    assert float(m1["loss"]) == float(m2["loss"])
+
+
+def test_resume_with_another_model_is_refused(tiny_config):
+    tiny_config.max_steps = 10
+    trainer.run(tiny_config)
+    tiny_config.model.n_embd = 64
+    with pytest.raises(UserError, match="different model .*n_embd 32 vs 64"):
+        trainer.run(tiny_config)
+
+
+def test_non_finite_loss_stops_the_run(tiny_config):
+    tiny_config.learning_rate, tiny_config.min_lr, tiny_config.grad_clip = 1e12, 1e12, 0.0
+    tiny_config.log_interval = 1
+    with pytest.raises(UserError, match="the loss became (nan|inf)"):
+        trainer.run(tiny_config)
+
+
+def test_nothing_to_do_when_max_steps_reached(tiny_config, capsys):
+    tiny_config.max_steps = 10
+    trainer.run(tiny_config)
+    trainer.run(tiny_config)
+    assert "nothing to do" in capsys.readouterr().out
