@@ -14,6 +14,8 @@ def main(argv: list[str]) -> None:
         exit_with(err)
     except trainer.TrainingStopped as err:
         exit_with(err, err.exit_code)
+    except KeyboardInterrupt:
+        exit_with(UserError("interrupted; checkpoints already in out_dir are intact"), 130)
 
 
 if __name__ == "__main__":

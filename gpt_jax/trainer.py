@@ -179,12 +179,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     last_eval = {}
     step = start
     try:
-        if start == 0:
-            last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0)}
-            writer.write(dict(last_eval, train_loss=last_eval["eval_train_loss"],
-                              tokens_per_sec=0.0))
-            log(metrics.format_record(last_eval))
         with _StopRequests() as stop:
+            if start == 0:
+                last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0)}
+                writer.write(dict(last_eval, train_loss=last_eval["eval_train_loss"],
+                                  tokens_per_sec=0.0))
+                log(metrics.format_record(last_eval))
             t_last, steps_since_log = time.perf_counter(), 0
             while step < config.max_steps:
                 if stop.signum is not None:
