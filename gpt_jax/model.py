@@ -63,6 +63,18 @@ def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02, use_b
     )
 
 
+def _on_rows(layer, x_BTD: jax.Array) -> jax.Array:
+    """Applies `layer` (a Dense, or wte.attend) to the (B*T, D) matrix view of x_BTD.
+
+    Same math as layer(x_BTD), but XLA:CPU compiles the backward of a 2-D matmul far better:
+    with the 3-D input the weight gradient contracts over two dims (B and T), and XLA
+    materializes a transposed copy of the incoming gradient, re-fusing the whole GELU backward
+    into that strided copy (~20% of the train step on a 2-core CPU).
+    """
+    y_ND = layer(x_BTD.reshape(-1, x_BTD.shape[-1]))
+    return y_ND.reshape(*x_BTD.shape[:-1], y_ND.shape[-1])
+
+
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     # GPT-2 uses eps 1e-5 (PyTorch's default), not Flax's 1e-6.
     return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=jnp.float32, name=name)
@@ -93,7 +105,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         B, T, D = x_BTD.shape
         H = cfg.n_head
-        qkv_BT3D = _dense(cfg, 3 * D, "c_attn", use_bias=cfg.bias and cfg.qkv_bias)(x_BTD)
+        qkv_BT3D = _on_rows(_dense(cfg, 3 * D, "c_attn", use_bias=cfg.bias and cfg.qkv_bias), x_BTD)
         q_BTHK, k_BTHK, v_BTHK = (
             a.reshape(B, T, H, D // H) for a in jnp.split(qkv_BT3D, 3, axis=-1)
         )
@@ -103,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
         probs_BHTS = nn.Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
         y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
-        y_BTD = _dense(cfg, D, "c_proj", std=_residual_std(cfg))(y_BTHK.reshape(B, T, D))
+        y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 
@@ -115,9 +127,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        h_BTF = _dense(cfg, 4 * cfg.n_embd, "c_fc")(x_BTD)
+        h_BTF = _on_rows(_dense(cfg, 4 * cfg.n_embd, "c_fc"), x_BTD)
         h_BTF = nn.gelu(h_BTF, approximate=True)
-        y_BTD = _dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg))(h_BTF)
+        y_BTD = _on_rows(_dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg)), h_BTF)
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 
@@ -164,9 +176,9 @@ class GPT(nn.Module):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD).astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
-            logits_BTV = wte.attend(x_BTD)
+            logits_BTV = _on_rows(wte.attend, x_BTD)
         else:
-            logits_BTV = _dense(cfg, cfg.vocab_size, "lm_head", use_bias=False)(x_BTD)
+            logits_BTV = _on_rows(_dense(cfg, cfg.vocab_size, "lm_head", use_bias=False), x_BTD)
         return logits_BTV.astype(jnp.float32)
 
 
@@ -182,7 +194,7 @@ def abstract_params(config: GPTConfig):
 
 
 def count_params(config: GPTConfig) -> dict:
-    """Returns {'total': N, 'non_embedding': N - position embeddings} (GPT-2 papers quote the latter)."""
+    """Returns {"total": N, "non_embedding": N - position embeddings} (as GPT-2 quotes it)."""
     params = abstract_params(config)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     wpe = params["wpe"].size if "wpe" in params else 0
