@@ -30,7 +30,8 @@ def main(argv):
     import jax
     import numpy as np
 
-    from gpt_jax import config as config_lib, optim, trainer
+    from gpt_jax import config as config_lib
+    from gpt_jax import optim, trainer
     from gpt_jax.model import GPT
 
     config_lib.validate(config)

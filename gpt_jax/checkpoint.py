@@ -6,7 +6,6 @@ model's hyperparameters and the tokenizer table, so sampling needs nothing else.
 
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from gpt_jax.errors import UserError
@@ -39,7 +38,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
-    except Exception as err:  # orbax raises many types for a damaged or mismatched tree
+    except Exception as err:  # noqa: BLE001 (orbax raises many types for a damaged tree)
         raise UserError(
             f"checkpoint {manager.directory / str(step)} could not be restored ({_first_line(err)}): "
             "delete that step's directory to fall back to an earlier one, or use a new out_dir"

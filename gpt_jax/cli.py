@@ -33,7 +33,7 @@ def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
                         "gpt_jax/config.py and the README)") from None
     try:
         return _CONFIG.value
-    except Exception as err:  # the config file itself failed to load
+    except Exception as err:  # noqa: BLE001 (the config file itself failed to load)
         raise UserError(f"config file {filename} could not be loaded: {_clean(err)}") from None
 
 

@@ -158,7 +158,7 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, idx_BT: jax.Array) -> jax.Array:
         cfg = self.config
-        B, T = idx_BT.shape
+        T = idx_BT.shape[1]
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         deterministic = not self.has_rng("dropout")

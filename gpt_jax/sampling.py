@@ -32,7 +32,7 @@ def sample_from_logits(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Ar
     return jnp.where(temperature == 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def next_token_fn(config: GPTConfig, top_k: int | None):
     """Returns the jitted step (params, window, length, rng, temperature) -> (window, length, token).
 

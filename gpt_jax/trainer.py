@@ -2,7 +2,6 @@
 
 import functools
 import signal
-import sys
 import time
 from typing import Any
 
@@ -13,7 +12,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt_jax import checkpoint, config as config_lib, data, metrics, optim
+from gpt_jax import checkpoint, data, metrics, optim
+from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, init_params, size_report
 

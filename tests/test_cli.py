@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli, tiny_flags
 
 CPU = "configs/shakespeare_cpu.py"

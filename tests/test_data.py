@@ -67,7 +67,7 @@ def test_nanogpt_prepared_directory_is_read_as_is(tmp_path):
 
 def test_batches_are_a_pure_function_of_seed_and_step():
     tokens = np.arange(1000, dtype=np.uint16)
-    kwargs = dict(batch_size=4, block_size=8, seed=3)
+    kwargs = {"batch_size": 4, "block_size": 8, "seed": 3}
     x1, y1 = data.get_batch(tokens, step=7, **kwargs)
     x2, y2 = data.get_batch(tokens, step=7, **kwargs)
     x3, _ = data.get_batch(tokens, step=8, **kwargs)

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from gpt_jax.errors import UserError
-from gpt_jax.model import (GPT, MLP, GPTConfig, count_params, init_params, size_report,
-                           sinusoidal_positions)
+from gpt_jax.model import (
+    GPT,
+    MLP,
+    GPTConfig,
+    count_params,
+    init_params,
+    sinusoidal_positions,
+    size_report,
+)
 
 TINY = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
