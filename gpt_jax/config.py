@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""
     c.data.cache_dir = ""  # empty: ~/.cache/gpt_jax (or $GPT_JAX_CACHE)
     c.data.val_fraction = 0.1
+    # How a text corpus is tokenised: "char" (its sorted characters) or "gpt2" (tiktoken BPE).
+    # Prepared directories carry their own tokenizer in meta.json and ignore this field.
+    c.data.tokenizer = "char"
 
     c.model = ml_collections.ConfigDict()
     c.model.block_size = 1024
