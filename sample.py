@@ -18,7 +18,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="out_dir of a training run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="out_dir of a training run")
+    source.add_argument("--init_from", help="hf:DIR (a Hugging Face GPT-2 directory) or hf:gpt2")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num_samples", type=int, default=1)
@@ -29,26 +31,35 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def load_hf(spec: str):
+    """Returns (config, params, tokenizer) of a Hugging Face GPT-2 model (dropout off)."""
+    from gpt_jax import data, hf
+
+    if not spec.startswith(hf.PREFIX):
+        raise UserError(f"--init_from {spec!r} is not understood: use hf:DIR or hf:gpt2")
+    config, params = hf.load(spec)
+    tokenizer = data.TiktokenTokenizer("gpt2")
+    if config.vocab_size > tokenizer.vocab_size:
+        raise UserError(f"{spec} has a vocabulary of {config.vocab_size} tokens, more than GPT-2's "
+                        f"BPE ({tokenizer.vocab_size}): its ids cannot be decoded")
+    print(f"loaded {spec} ({config.n_layer} layers, {config.n_embd} wide)", file=sys.stderr)
+    return config, params, tokenizer
+
+
 def main(argv):
     args = parse_args(argv)
     try:
-        from gpt_jax import checkpoint, data, sampling
-        from gpt_jax.model import GPTConfig, abstract_params
+        from gpt_jax import checkpoint, sampling
 
         sampling.check_options(args.max_new_tokens, args.temperature, args.top_k)
         if args.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
-        manager = checkpoint.open_for_reading(args.checkpoint)
-        step = manager.latest_step() if args.step is None else args.step
-        if step not in manager.all_steps():
-            raise UserError(f"{args.checkpoint} has no checkpoint at step {step}: it has "
-                            f"{sorted(manager.all_steps())}")
-        saved_config, tokenizer_table = checkpoint.read_metadata(manager, step)
-        tokenizer = data.tokenizer_from_json(tokenizer_table)
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, **saved_config["model"])
-        params = checkpoint.restore_params(manager, step, abstract_params(config))
+        if args.checkpoint:
+            step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
+            print(f"loaded {args.checkpoint} at step {step}", file=sys.stderr)
+        else:
+            config, params, tokenizer = load_hf(args.init_from)
         prompt = tokenizer.encode(args.prompt)
-        print(f"loaded {args.checkpoint} at step {step}", file=sys.stderr)
         if len(prompt) > config.block_size:
             print(f"the prompt has {len(prompt)} tokens: the model sees its last "
                   f"{config.block_size} (block_size)", file=sys.stderr)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from gpt_jax import data
 from gpt_jax.errors import UserError
+from gpt_jax.model import GPTConfig, abstract_params
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -73,6 +75,21 @@ def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True)))
     return restored.state["params"]
+
+
+def load_model(out_dir, step: int | None = None):
+    """Returns (step, GPTConfig, params, tokenizer) of a run's checkpoint (newest by default)."""
+    manager = open_for_reading(out_dir)
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+        raise UserError(f"{out_dir} has no checkpoint at step {step}: it has "
+                        f"{sorted(manager.all_steps())}")
+    saved_config, tokenizer_table = read_metadata(manager, step)
+    tokenizer = data.tokenizer_from_json(tokenizer_table)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, **saved_config["model"])
+    params = restore_params(manager, step, abstract_params(config))
+    manager.close()
+    return step, config, params, tokenizer
 
 
 def _first_line(err: BaseException) -> str:

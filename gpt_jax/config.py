@@ -11,6 +11,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.out_dir = "out/default"
     c.seed = 1337
     c.batch_size = 12  # sequences per optimizer step
+    # Micro-batches per optimizer step (accumulated inside the compiled step); each has
+    # batch_size / grad_accum_steps sequences.
+    c.grad_accum_steps = 1
+    # Start from pretrained weights: "" (GPT-2 init), or "hf:DIR" / "hf:gpt2" (a Hugging Face
+    # GPT-2 model; it sets the model's shape, and block_size may crop its context). Only a run
+    # without checkpoints reads it: a resume continues from out_dir.
+    c.init_from = ""
     c.max_steps = 5000  # optimizer updates in the whole run
     c.eval_interval = 250
     c.eval_iters = 200  # batches per split in each loss estimate
@@ -52,8 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-_POSITIVE = ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
-             "checkpoint_interval", "keep_checkpoints")
+_POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters",
+             "log_interval", "checkpoint_interval", "keep_checkpoints")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -61,6 +68,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in _POSITIVE:
         if config[name] < 1:
             raise UserError(f"{name} must be at least 1, got {config[name]}: set --config.{name}=N")
+    if config.batch_size % config.grad_accum_steps:
+        raise UserError(
+            f"batch_size={config.batch_size} is not divisible by grad_accum_steps="
+            f"{config.grad_accum_steps}: make batch_size a multiple of grad_accum_steps")
+    if config.init_from and not config.init_from.startswith("hf:"):
+        raise UserError(f"init_from={config.init_from!r} is not understood: use hf:DIR (a "
+                        "Hugging Face GPT-2 directory) or hf:gpt2, or leave it empty")
     for name in ("warmup_steps", "decay_steps"):
         if config[name] < 0:
             raise UserError(f"{name} must be >= 0, got {config[name]}")

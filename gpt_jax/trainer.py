@@ -41,10 +41,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfi
 
 
 def init_train_state(model_cfg: GPTConfig, tx: optax.GradientTransformation,
-                     seed: int) -> TrainState:
-    """Returns the state before the first update: GPT-2 init and fresh AdamW moments."""
+                     seed: int, params: PyTree | None = None) -> TrainState:
+    """Returns the state before the first update: GPT-2 init (or `params`), fresh AdamW moments."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = init_params(model_cfg, init_rng)
+    if params is None:
+        params = init_params(model_cfg, init_rng)
+    else:
+        params = jax.tree.map(jnp.asarray, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=jax.jit(tx.init)(params), rng=dropout_rng)
 
@@ -57,23 +60,44 @@ def loss_fn(params: PyTree, model: GPT, batch, dropout_rng=None) -> jax.Array:
 
 
 def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
     """Returns the state after one AdamW update on `batch`, and that step's metrics.
 
     `rng` is the dropout key of this step; the loop passes fold_in(state.rng, state.step)
-    so dropout masks are a pure function of (seed, step) and resumes are exact.
+    so dropout masks are a pure function of (seed, step) and resumes are exact. With
+    grad_accum_steps > 1 the batch is split into that many equal micro-batches whose
+    gradients are averaged in a lax.scan: the same update as the whole batch at once, with
+    the activation memory of one micro-batch.
     """
-    dropout_rng = rng if model.config.dropout > 0 else None
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, model, batch, dropout_rng)
+    dropout = model.config.dropout > 0
+    grad_fn = jax.value_and_grad(loss_fn)
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(state.params, model, batch, rng if dropout else None)
+    else:
+        micro_batches = jax.tree.map(
+            lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, xs):
+            i, micro_batch = xs
+            micro_rng = jax.random.fold_in(rng, i) if dropout else None
+            loss_i, grads_i = grad_fn(state.params, model, micro_batch, micro_rng)
+            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(
+            accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+        loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def make_train_step(model: GPT, tx: optax.GradientTransformation):
+def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
     """Returns train_step jit-compiled with the state donated."""
-    return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+    return jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                     grad_accum_steps=grad_accum_steps), donate_argnums=0)
 
 
 def make_eval_step(model: GPT):
@@ -84,13 +108,16 @@ def make_eval_step(model: GPT):
 
 def estimate_loss(eval_step, params: PyTree, dataset: data.Dataset,
                   config: ml_collections.ConfigDict, step: int) -> dict:
-    """Returns the mean loss over eval_iters random batches of each split (nanoGPT's estimate)."""
+    """Returns the mean loss over eval_iters random batches of each split (nanoGPT's estimate).
+
+    Each eval batch is one micro-batch (batch_size / grad_accum_steps sequences).
+    """
     out = {}
     for split in ("train", "val"):
         losses = []
         for i in range(config.eval_iters):
             batch = data.get_batch(
-                getattr(dataset, split), batch_size=config.batch_size,
+                getattr(dataset, split), batch_size=config.batch_size // config.grad_accum_steps,
                 block_size=config.model.block_size, seed=config.seed,
                 stream=2 + data.SPLIT_STREAMS[split], step=step * config.eval_iters + i)
             losses.append(eval_step(params, batch))
@@ -134,7 +161,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Trains (or resumes) the run that `config` describes; returns the last eval record."""
     jax.config.update("jax_threefry_partitionable", True)
     config_lib.validate(config)
+    manager = checkpoint.make_manager(config.out_dir, keep=config.keep_checkpoints)
+    start = manager.latest_step()
     dataset = data.load_dataset(config.data)
+    pretrained = None
+    if config.init_from:
+        config, pretrained = _resolve_init_from(config, manager, start, dataset)
     model_cfg = model_config(config, dataset.tokenizer.vocab_size)
     dataset.check_fits(model_cfg.block_size)
     log(f"data: {dataset.directory} ({len(dataset.train):,} train / {len(dataset.val):,} val "
@@ -144,11 +176,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     model = GPT(model_cfg)
     tx = optim.make_optimizer(config)
     schedule = optim.lr_schedule(config)
-    manager = checkpoint.make_manager(config.out_dir, keep=config.keep_checkpoints)
     tokenizer_table = dataset.tokenizer.to_json()
 
-    state = init_train_state(model_cfg, tx, config.seed)
-    start = manager.latest_step()
+    state = init_train_state(model_cfg, tx, config.seed, params=pretrained)
     if start is not None:
         _check_compatible(config, manager, start, tokenizer_table)
         state = checkpoint.restore_state(manager, start, state)
@@ -161,7 +191,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         return {"step": start}
 
     writer = metrics.MetricsWriter(config.out_dir, resume_step=start if start else None)
-    step_fn = make_train_step(model, tx)
+    step_fn = make_train_step(model, tx, config.grad_accum_steps)
     eval_step = make_eval_step(model)
     tokens_per_step = config.batch_size * model_cfg.block_size
 
@@ -228,6 +258,36 @@ def run(config: ml_collections.ConfigDict) -> dict:
         manager.close()
         writer.close()
     return last_eval
+
+
+def _resolve_init_from(config: ml_collections.ConfigDict, manager, start, dataset):
+    """Returns (config with the pretrained model's shape, its params or None on a resume).
+
+    The pretrained model fixes every shape field of config.model except block_size, which
+    may crop its context; dropout and dtype stay the config's. A resume reads the shape from
+    the checkpoint and ignores init_from, so the weights are not fetched again.
+    """
+    from gpt_jax import hf
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    if start is not None:
+        saved_model = checkpoint.read_metadata(manager, start)[0]["model"]
+        config.model.update({k: saved_model[k] for k in HF_SHAPE_FIELDS})
+        return config, None
+    hf_cfg, params = hf.load(config.init_from, block_size=config.model.block_size)
+    if hf_cfg.vocab_size != dataset.tokenizer.vocab_size:
+        raise UserError(
+            f"{config.init_from} has a vocabulary of {hf_cfg.vocab_size} tokens but the corpus's "
+            f"tokenizer has {dataset.tokenizer.vocab_size}: set --config.data.tokenizer=gpt2 "
+            "or use a corpus prepared with python -m gpt_jax.prepare")
+    config.model.update({k: getattr(hf_cfg, k) for k in HF_SHAPE_FIELDS})
+    log(f"init_from {config.init_from}: {hf_cfg.n_layer} layers, {hf_cfg.n_head} heads, "
+        f"{hf_cfg.n_embd} wide, context {hf_cfg.block_size}")
+    return config, params
+
+
+HF_SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias",
+                   "pos_encoding", "tie_embeddings")
 
 
 def _check_compatible(config: ml_collections.ConfigDict, manager, step: int,

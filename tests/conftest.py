@@ -52,3 +52,16 @@ def run_cli(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), **kwargs.pop("env", {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+
+
+def require_parity_libs():
+    """Imports torch and transformers for the parity tests.
+
+    Without them (a plain `pip install -e ".[dev]"`) the parity tests are skipped; CI sets
+    GPT_JAX_REQUIRE_PARITY=1 so that a missing install fails instead of skipping.
+    """
+    if os.environ.get("GPT_JAX_REQUIRE_PARITY"):
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")

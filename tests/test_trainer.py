@@ -117,3 +117,29 @@ def test_nothing_to_do_when_max_steps_reached(tiny_config, capsys):
     trainer.run(tiny_config)
     trainer.run(tiny_config)
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    from configs.shakespeare_cpu import get_config
+
+    cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    tx = optim.make_optimizer(get_config())
+    tokens = np.random.default_rng(0).integers(0, 32, size=(8, 17)).astype(np.int32)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    results = {}
+    for accum in (1, 4):
+        state = trainer.init_train_state(cfg, tx, seed=0)
+        step = trainer.make_train_step(GPT(cfg), tx, grad_accum_steps=accum)
+        for _ in range(3):
+            state, metrics = step(state, batch, jax.random.fold_in(state.rng, state.step))
+        results[accum] = (state.params, float(metrics["loss"]), float(metrics["grad_norm"]))
+    assert results[4][1] == pytest.approx(results[1][1], abs=1e-6)
+    assert results[4][2] == pytest.approx(results[1][2], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[4][0],
+                 results[1][0])
+
+
+def test_grad_accum_must_divide_the_batch(tiny_config):
+    tiny_config.grad_accum_steps = 3
+    with pytest.raises(UserError, match="batch_size=4 is not divisible by grad_accum_steps=3"):
+        trainer.run(tiny_config)

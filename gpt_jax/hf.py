@@ -1,0 +1,285 @@
+"""GPT-2 weights in Hugging Face's format: read a GPT2LMHeadModel directory, write one back.
+
+A Hugging Face GPT-2 directory holds config.json plus model.safetensors (or pytorch_model.bin,
+or a sharded model.safetensors.index.json). Tensor names carry the `transformer.` prefix when
+written by GPT2LMHeadModel.save_pretrained and lack it in OpenAI's hub files; both are read.
+Every tensor is mapped by name in `_tensor_map`. HF's Conv1D keeps its weight as (in, out),
+which is already the layout of a Flax Dense kernel, so no weight is transposed.
+"""
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPTConfig, abstract_params
+
+# The published GPT-2 sizes: hub name -> (n_layer, n_head, n_embd); all use context 1024.
+GPT2_SIZES = {
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+GPT2_VOCAB_SIZE = 50257
+GPT2_BLOCK_SIZE = 1024
+PREFIX = "hf:"
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Buffers older transformers versions saved beside the weights (the causal mask); not weights.
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def gpt2_model_fields(size: str) -> dict:
+    """Returns config.model fields (shape and GPT-2 switches) of a published GPT-2 size."""
+    if size not in GPT2_SIZES:
+        raise UserError(f"unknown GPT-2 size {size!r}: use one of {', '.join(GPT2_SIZES)}")
+    n_layer, n_head, n_embd = GPT2_SIZES[size]
+    return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+            "block_size": GPT2_BLOCK_SIZE, "bias": True, "qkv_bias": True,
+            "pos_encoding": "learned", "tie_embeddings": True}
+
+
+# --------------------------------------------------------------------------- locating a model
+
+
+def resolve(spec: str) -> Path:
+    """Returns the local directory that `hf:DIR` or `hf:NAME` names, downloading NAME if needed.
+
+    DIR is any existing directory; NAME (gpt2, gpt2-medium, ..., or any hub repo id) is
+    fetched with huggingface_hub into its usual cache.
+    """
+    target = spec.removeprefix(PREFIX)
+    if not target:
+        raise UserError(f"init_from={spec!r} names nothing: use hf:DIR or hf:gpt2")
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or target.startswith(("/", ".", "~")):
+        raise UserError(f"{target} is not a directory: pass hf:DIR with DIR holding config.json "
+                        "and model.safetensors, or a hub name such as hf:gpt2")
+    return _download(target)
+
+
+def _download(name: str) -> Path:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError(f"{name!r} is not a local directory, and fetching it from the hub needs "
+                        "huggingface_hub: pip install huggingface_hub, or pass hf:DIR") from None
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+    except Exception as err:  # noqa: BLE001 (offline, unknown repo, auth: all end here)
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not fetch {name!r} from the Hugging Face hub ({reason}): when "
+                        "offline, download the model elsewhere and pass hf:DIR") from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_config(directory: Path) -> GPTConfig:
+    """Returns our GPTConfig for a Hugging Face GPT-2 config.json (dropout set to 0)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory} has no config.json: pass a directory written by "
+                        "GPT2LMHeadModel.save_pretrained or downloaded from the hub")
+    hf = json.loads(path.read_text())
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path} describes a {hf.get('model_type')!r} model: only GPT-2 "
+                        "(model_type 'gpt2') can be imported")
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new") in _TANH_GELUS,
+                                "only the tanh-approximated GELU of GPT-2 is implemented"),
+        "n_inner": (hf.get("n_inner") in (None, 4 * hf.get("n_embd", 768)),
+                    "the MLP width must be 4 * n_embd"),
+        "layer_norm_epsilon": (math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5),
+                               "LayerNorm epsilon is fixed at GPT-2's 1e-5"),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True),
+                               "attention is always scaled by 1/sqrt(head_dim)"),
+        "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx"),
+                                            "per-layer attention scaling is not implemented"),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True),
+                                "GPT-2's head is tied to the token embedding"),
+        "add_cross_attention": (not hf.get("add_cross_attention"),
+                                "cross-attention is not implemented"),
+    }
+    for key, (ok, why) in unsupported.items():
+        if not ok:
+            raise UserError(f"{path}: {key}={hf.get(key)!r} cannot be imported ({why})")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                     n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     dropout=0.0, bias=True, qkv_bias=True, pos_encoding="learned",
+                     tie_embeddings=True)
+
+
+def read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """Returns every tensor of the directory's weights file(s) as float32 numpy arrays."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file() or index.is_file():
+        from safetensors.numpy import load_file
+
+        files = [single] if single.is_file() else sorted(
+            {directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        tensors = {}
+        for f in files:
+            try:
+                tensors.update(load_file(f))
+            except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+                raise UserError(f"{f} could not be read ({type(err).__name__}: {err}): "
+                                "download it again") from None
+        return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    if (directory / "pytorch_model.bin").is_file():
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"{directory} holds pytorch_model.bin, which needs torch to read: "
+                            "pip install torch, or save the model as safetensors") from None
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise UserError(f"{directory} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _tensor_map(config: GPTConfig) -> dict[str, tuple[str, ...]]:
+    """Returns HF tensor name (without `transformer.`) -> path in our parameter tree."""
+    names = {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe",),
+             "ln_f.weight": ("ln_f", "scale"), "ln_f.bias": ("ln_f", "bias")}
+    for i in range(config.n_layer):
+        for ln in ("ln_1", "ln_2"):
+            names[f"h.{i}.{ln}.weight"] = (f"h_{i}", ln, "scale")
+            names[f"h.{i}.{ln}.bias"] = (f"h_{i}", ln, "bias")
+        for sub, layer in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"),
+                           ("mlp", "c_proj")):
+            names[f"h.{i}.{sub}.{layer}.weight"] = (f"h_{i}", sub, layer, "kernel")
+            names[f"h.{i}.{sub}.{layer}.bias"] = (f"h_{i}", sub, layer, "bias")
+    return names
+
+
+def params_from_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, source="") -> dict:
+    """Returns our parameter tree built from HF GPT-2 tensors; names every mismatch.
+
+    `config.block_size` may be smaller than the checkpoint's context: the position table is
+    cropped to its first block_size rows.
+    """
+    stripped = {}
+    for name, value in tensors.items():
+        key = name.removeprefix("transformer.")
+        if key == "lm_head.weight" or _BUFFER.fullmatch(key):
+            continue  # the head is tied to wte; the buffers are causal masks
+        stripped[key] = value
+    if "lm_head.weight" in tensors and "wte.weight" in stripped and not np.array_equal(
+            tensors["lm_head.weight"], stripped["wte.weight"]):
+        raise UserError(f"{source}: lm_head.weight differs from wte.weight, but GPT-2's head "
+                        "is tied to the token embedding: only tied models can be imported")
+    mapping = _tensor_map(config)
+    unknown = sorted(set(stripped) - set(mapping))
+    missing = sorted(set(mapping) - set(stripped))
+    if unknown or missing:
+        what = (f"unexpected tensor {unknown[0]}" if unknown else f"missing tensor {missing[0]}")
+        raise UserError(f"{source}: {what} ({len(unknown)} unexpected, {len(missing)} missing): "
+                        "the weights do not match config.json's GPT-2 shape")
+    if "wpe.weight" in stripped:
+        stripped["wpe.weight"] = stripped["wpe.weight"][: config.block_size]
+    shapes = abstract_params(config)
+    params: dict = {}
+    for name, path in mapping.items():
+        expected = _get(shapes, path).shape
+        if stripped[name].shape != expected:
+            raise UserError(f"{source}: tensor {name} has shape {stripped[name].shape}, "
+                            f"expected {expected} for {'/'.join(path)}")
+        _set(params, path, stripped[name])
+    return jax.tree.map(np.asarray, params)
+
+
+def load(spec: str, block_size: int | None = None) -> tuple[GPTConfig, dict]:
+    """Returns (config, params) of the HF GPT-2 model `hf:DIR` or `hf:NAME` names.
+
+    Args:
+      spec: `hf:DIR` (a local directory) or `hf:NAME` (a hub model, fetched when online).
+      block_size: crop the context to this many positions (at most the model's n_positions).
+    """
+    directory = resolve(spec)
+    config = read_config(directory)
+    if block_size is not None:
+        if block_size > config.block_size:
+            raise UserError(f"block_size {block_size} exceeds the context of {directory} "
+                            f"({config.block_size} positions): use at most {config.block_size}")
+        config = dataclasses.replace(config, block_size=block_size)
+    return config, params_from_tensors(read_tensors(directory), config, str(directory))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def export_blockers(config: GPTConfig) -> list[str]:
+    """Returns why `config` cannot be written as a GPT2LMHeadModel (empty when it can)."""
+    reasons = []
+    if config.pos_encoding != "learned":
+        reasons.append(f"pos_encoding={config.pos_encoding!r} (GPT-2 has a learned position "
+                       "table)")
+    if not config.tie_embeddings:
+        reasons.append("tie_embeddings=False (GPT-2's head is tied to the token embedding)")
+    return reasons
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """Returns the config.json of a GPT2LMHeadModel with `config`'s shape."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": config.vocab_size, "n_positions": config.block_size,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
+        "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": GPT2_VOCAB_SIZE - 1, "eos_token_id": GPT2_VOCAB_SIZE - 1,
+        "torch_dtype": "float32",
+    }
+
+
+def tensors_from_params(params: dict, config: GPTConfig) -> dict[str, np.ndarray]:
+    """Returns GPT2LMHeadModel tensors (`transformer.` names) for our parameters.
+
+    Biases a model was trained without (bias=False, qkv_bias=False) are written as zeros,
+    which computes the same function.
+    """
+    blockers = export_blockers(config)
+    if blockers:
+        raise UserError(f"this model cannot be written as GPT-2: {'; '.join(blockers)}")
+    shapes = abstract_params(dataclasses.replace(config, bias=True, qkv_bias=True))
+    tensors = {}
+    for name, path in _tensor_map(config).items():
+        value = _get(params, path, default=None)
+        if value is None:  # a bias the model does not have
+            value = np.zeros(_get(shapes, path).shape, np.float32)
+        tensors["transformer." + name] = np.ascontiguousarray(np.asarray(value, np.float32))
+    return tensors
+
+
+def write(directory: Path, params: dict, config: GPTConfig) -> None:
+    """Writes config.json and model.safetensors of a GPT2LMHeadModel into `directory`."""
+    from safetensors.numpy import save_file
+
+    tensors = tensors_from_params(params, config)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+
+
+def _get(tree, path, **default):
+    for key in path:
+        if key not in tree and "default" in default:
+            return default["default"]
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
