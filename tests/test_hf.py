@@ -5,6 +5,7 @@ Its initializer_range is large so that its next-token predictions are far from t
 """
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -203,15 +204,15 @@ def test_bare_name_offline_is_one_line(tmp_path):
 
 
 def test_fine_tune_from_hf_starts_at_the_imported_loss(torch_model, tiny_config):
-    model, directory = torch_model
+    _, directory = torch_model
     tiny_config.init_from = f"hf:{directory}"
     tiny_config.data.tokenizer = "gpt2"
     tiny_config.model.block_size = 32  # crops the 64-position table
     tiny_config.max_steps, tiny_config.eval_interval = 10, 10
     first = trainer.run(tiny_config)
-    records = [json.loads(line) for line in
-               open(f"{tiny_config.out_dir}/metrics.jsonl").read().splitlines()]
-    step, config, params, tokenizer = checkpoint.load_model(tiny_config.out_dir)
+    metrics_file = Path(tiny_config.out_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    _, config, params, tokenizer = checkpoint.load_model(tiny_config.out_dir)
     assert (config.n_layer, config.n_embd, config.block_size) == (2, 32, 32)
     assert tokenizer.to_json() == {"kind": "tiktoken", "encoding": "gpt2"}
     # The step-0 estimate is exactly the imported model's loss on the same eval batches.
