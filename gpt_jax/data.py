@@ -60,7 +60,7 @@ class CharTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class TiktokenTokenizer:
-    """GPT-2 byte-pair encoding through tiktoken (for corpora prepared by nanoGPT's scripts)."""
+    """GPT-2 byte-pair encoding through tiktoken (corpora from gpt_jax.prepare or nanoGPT)."""
 
     encoding: str = "gpt2"
 
@@ -126,10 +126,18 @@ def cache_root(data_config) -> Path:
 
 def load_dataset(data_config) -> Dataset:
     """Returns the dataset the config names, preparing a text corpus on first use."""
+    kind = data_config.get("tokenizer", "char")
+    if kind not in ("char", "gpt2"):
+        raise UserError(f"data.tokenizer={kind!r} is unknown: use 'char' or 'gpt2'")
     path = corpus_path(data_config)
     if path.is_dir():
         return read_prepared(path)
-    prepared = prepare_char_corpus(path, cache_root(data_config), data_config.val_fraction)
+    if kind == "gpt2":
+        from gpt_jax.prepare import prepare_cached  # it imports this module
+
+        prepared = prepare_cached(path, cache_root(data_config), data_config.val_fraction)
+    else:
+        prepared = prepare_char_corpus(path, cache_root(data_config), data_config.val_fraction)
     return read_prepared(prepared)
 
 
@@ -262,13 +270,16 @@ SPLIT_STREAMS = {"train": 0, "val": 1}
 
 
 def get_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int, step: int,
-              stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+              stream: int = 0, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns (inputs, targets), each int32 (batch_size, block_size), for one training step.
 
     Each row is a random contiguous crop of block_size + 1 tokens whose start is a pure
-    function of (seed, stream, step), so any step's batch can be rebuilt after a restart.
+    function of (seed, stream, step), so any step's batch can be rebuilt after a restart, on
+    any number of devices. `rows` reads only those rows of the batch (one process's share).
     """
     rng = np.random.default_rng((seed, stream, step))
     starts_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    if rows is not None:
+        starts_B = starts_B[rows]
     crops_BT = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)
     return crops_BT[:, :-1], crops_BT[:, 1:]
