@@ -9,7 +9,9 @@ def main(argv: list[str]) -> None:
     from gpt_jax import cli, trainer
 
     try:
-        trainer.run(cli.parse_config(argv))
+        config = cli.parse_config(argv)
+        cli.init_distributed()
+        trainer.run(config)
     except UserError as err:
         exit_with(err)
     except trainer.TrainingStopped as err:

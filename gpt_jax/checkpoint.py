@@ -48,6 +48,12 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
     return restored.state
 
 
+def has_checkpoint(out_dir) -> bool:
+    """Returns whether out_dir holds at least one checkpoint step directory."""
+    directory = checkpoint_dir(out_dir)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def open_for_reading(out_dir) -> ocp.CheckpointManager:
     """Returns a manager over an existing run's checkpoints, or raises UserError."""
     directory = checkpoint_dir(out_dir)

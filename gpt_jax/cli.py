@@ -12,6 +12,14 @@ from gpt_jax.errors import UserError
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path of a config file (configs/*.py) with get_config().", lock_config=True)
+# Multi-process runs: either name the coordinator explicitly (every process gets the same
+# address and count, and its own id), or let JAX detect the cluster (SLURM, TPU pods, ...).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 in a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() and let JAX detect the cluster.")
 
 
 def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
@@ -35,6 +43,25 @@ def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
         return _CONFIG.value
     except Exception as err:  # noqa: BLE001 (the config file itself failed to load)
         raise UserError(f"config file {filename} could not be loaded: {_clean(err)}") from None
+
+
+def init_distributed() -> None:
+    """Starts JAX's distributed runtime when the flags ask for a multi-process run."""
+    import jax
+
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise UserError("a multi-process run needs all of --coordinator_address, "
+                            "--num_processes and --process_id")
+        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+            raise UserError(f"--process_id={_PROCESS_ID.value} must be in [0, "
+                            f"{_NUM_PROCESSES.value})")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        jax.distributed.initialize()
 
 
 def _config_filename(argv: list[str]) -> str | None:

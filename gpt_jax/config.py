@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_interval = 10
     c.checkpoint_interval = 250
     c.keep_checkpoints = 3  # newest checkpoints kept in out_dir
+    # JAX's persistent compilation cache: a rerun of the same config skips compiling.
+    # Empty: <cache root>/jax_compile (see data.cache_dir).
+    c.compile_cache_dir = ""
 
     # AdamW with linear warmup, then cosine decay to min_lr at decay_steps (0: max_steps).
     c.learning_rate = 6e-4
@@ -34,6 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.beta1 = 0.9
     c.beta2 = 0.95
     c.grad_clip = 1.0  # global-norm clipping; 0 turns it off
+
+    # Devices: mesh.data x mesh.fsdp must equal the device count; -1 fills the rest. The batch
+    # is split over both axes; fsdp also shards the large parameters and their AdamW state.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
 
     c.data = ml_collections.ConfigDict()
     # A UTF-8 text file, or a directory prepared by nanoGPT (train.bin, val.bin, meta.pkl).

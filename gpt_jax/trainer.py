@@ -3,6 +3,7 @@
 import functools
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -11,11 +12,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gpt_jax import checkpoint, data, metrics, optim
+from gpt_jax import checkpoint, data, metrics, optim, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
-from gpt_jax.model import GPT, GPTConfig, init_params, size_report
+from gpt_jax.model import GPT, GPTConfig, count_params, init_params, size_report
 
 PyTree = Any
 
@@ -59,76 +62,153 @@ def loss_fn(params: PyTree, model: GPT, batch, dropout_rng=None) -> jax.Array:
     return metrics.cross_entropy(logits_BTV, targets_BT)
 
 
+def _value_and_grad(loss_of_params, params: PyTree, batch, rng: jax.Array, *,
+                    grad_accum_steps: int, dropout: bool):
+    """Returns (mean loss, mean gradient) over `batch`, split into grad_accum_steps micro-batches.
+
+    The micro-batches' gradients are summed in a lax.scan: the same update as the whole batch
+    at once, with the activation memory of one micro-batch.
+    """
+    grad_fn = jax.value_and_grad(loss_of_params)
+    if grad_accum_steps == 1:
+        return grad_fn(params, batch, rng if dropout else None)
+    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, xs):
+        i, micro_batch = xs
+        loss_i, grads_i = grad_fn(params, micro_batch,
+                                  jax.random.fold_in(rng, i) if dropout else None)
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros,
+                                    (jnp.arange(grad_accum_steps), micro_batches))
+    return jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+
+
+def sharded_value_and_grad(params: PyTree, batch, rng: jax.Array, *, model: GPT, mesh: Mesh,
+                           grad_accum_steps: int = 1):
+    """Returns (loss, grads) of the global batch, computed with jax.shard_map over the mesh.
+
+    Each device takes its rows of the batch, gathers the parameters it holds a shard of
+    (fsdp), and differentiates its own mean loss; the gradients are then reduced to the
+    global mean (an explicit pmean over `data`, see sharding.reduce_gradient). Dropout masks
+    differ per device (the key is folded with the device's index on the mesh).
+    """
+    specs = sharding.tree_specs(params, mesh)
+    dropout = model.config.dropout > 0
+
+    def local(params_local, batch_local, rng):
+        if dropout:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(sharding.BATCH_AXES))
+
+        def loss_of_params(p, micro_batch, micro_rng):
+            full = jax.tree.map(sharding.gather, p, specs, is_leaf=_is_spec_leaf)
+            return loss_fn(full, model, micro_batch, micro_rng)
+
+        loss, grads = _value_and_grad(loss_of_params, params_local, batch_local, rng,
+                                      grad_accum_steps=grad_accum_steps, dropout=dropout)
+        grads = jax.tree.map(lambda g, s: sharding.reduce_gradient(g, s, mesh), grads, specs)
+        return jax.lax.pmean(loss, sharding.BATCH_AXES), grads
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(sharding.BATCH_AXES), P()),
+                         out_specs=(P(), specs), check_vma=False)(params, batch, rng)
+
+
+def _is_spec_leaf(x) -> bool:
+    return isinstance(x, P)
+
+
 def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
-               tx: optax.GradientTransformation,
+               tx: optax.GradientTransformation, mesh: Mesh,
                grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
-    """Returns the state after one AdamW update on `batch`, and that step's metrics.
+    """Returns the state after one AdamW update on the global `batch`, and that step's metrics.
 
     `rng` is the dropout key of this step; the loop passes fold_in(state.rng, state.step)
-    so dropout masks are a pure function of (seed, step) and resumes are exact. With
-    grad_accum_steps > 1 the batch is split into that many equal micro-batches whose
-    gradients are averaged in a lax.scan: the same update as the whole batch at once, with
-    the activation memory of one micro-batch.
+    so dropout masks are a pure function of (seed, step) and resumes are exact. The gradient
+    is computed under shard_map; the AdamW update runs on the sharded state as it lies.
     """
-    dropout = model.config.dropout > 0
-    grad_fn = jax.value_and_grad(loss_fn)
-    if grad_accum_steps == 1:
-        loss, grads = grad_fn(state.params, model, batch, rng if dropout else None)
-    else:
-        micro_batches = jax.tree.map(
-            lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
-
-        def accumulate(carry, xs):
-            i, micro_batch = xs
-            micro_rng = jax.random.fold_in(rng, i) if dropout else None
-            loss_i, grads_i = grad_fn(state.params, model, micro_batch, micro_rng)
-            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(
-            accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
-        loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+    loss, grads = sharded_value_and_grad(state.params, batch, rng, model=model, mesh=mesh,
+                                         grad_accum_steps=grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
-    """Returns train_step jit-compiled with the state donated."""
-    return jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                     grad_accum_steps=grad_accum_steps), donate_argnums=0)
+def default_mesh() -> Mesh:
+    """Returns a 1 x 1 mesh over the first device (tests and single-device tools)."""
+    return sharding.mesh_of((1, 1), jax.devices()[:1])
 
 
-def make_eval_step(model: GPT):
-    """Returns a jitted (params, batch) -> mean loss, dropout off."""
-    return jax.jit(functools.partial(lambda params, batch, model: loss_fn(params, model, batch),
-                                     model=model))
+def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                    mesh: Mesh | None = None, state_shardings=None):
+    """Returns train_step jit-compiled with the state donated (and kept in its shardings)."""
+    mesh = mesh or default_mesh()
+    replicated = NamedSharding(mesh, P())
+    out_shardings = None if state_shardings is None else (state_shardings, replicated)
+    return jax.jit(functools.partial(train_step, model=model, tx=tx, mesh=mesh,
+                                     grad_accum_steps=grad_accum_steps),
+                   donate_argnums=0, out_shardings=out_shardings)
+
+
+def make_eval_step(model: GPT, mesh: Mesh | None = None):
+    """Returns a jitted (params, batch) -> mean loss over the global batch, dropout off."""
+    mesh = mesh or default_mesh()
+
+    def eval_step(params, batch):
+        specs = sharding.tree_specs(params, mesh)
+
+        def local(params_local, batch_local):
+            full = jax.tree.map(sharding.gather, params_local, specs, is_leaf=_is_spec_leaf)
+            return jax.lax.pmean(loss_fn(full, model, batch_local), sharding.BATCH_AXES)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(sharding.BATCH_AXES)),
+                             out_specs=P(), check_vma=False)(params, batch)
+
+    return jax.jit(eval_step)
 
 
 def estimate_loss(eval_step, params: PyTree, dataset: data.Dataset,
-                  config: ml_collections.ConfigDict, step: int) -> dict:
+                  config: ml_collections.ConfigDict, step: int, mesh: Mesh | None = None) -> dict:
     """Returns the mean loss over eval_iters random batches of each split (nanoGPT's estimate).
 
     Each eval batch is one micro-batch (batch_size / grad_accum_steps sequences).
     """
+    batch_size = config.batch_size // config.grad_accum_steps
+    rows = _process_rows(mesh, batch_size)
     out = {}
     for split in ("train", "val"):
         losses = []
         for i in range(config.eval_iters):
             batch = data.get_batch(
-                getattr(dataset, split), batch_size=config.batch_size // config.grad_accum_steps,
+                getattr(dataset, split), batch_size=batch_size,
                 block_size=config.model.block_size, seed=config.seed,
-                stream=2 + data.SPLIT_STREAMS[split], step=step * config.eval_iters + i)
+                stream=2 + data.SPLIT_STREAMS[split], step=step * config.eval_iters + i,
+                rows=rows)
+            if mesh is not None:
+                batch = sharding.put_batch(batch, mesh, batch_size)
             losses.append(eval_step(params, batch))
         out[split] = float(np.mean(jax.device_get(losses)))
     return out
 
 
-def train_batch(dataset: data.Dataset, config, step: int):
-    """Returns the batch of update number step + 1 (a pure function of seed and step)."""
-    return data.get_batch(dataset.train, batch_size=config.batch_size,
-                          block_size=config.model.block_size, seed=config.seed, step=step)
+def train_batch(dataset: data.Dataset, config, step: int, mesh: Mesh | None = None):
+    """Returns the batch of update number step + 1 (a pure function of seed and step).
+
+    With a mesh, the batch comes back split over it; in a multi-process run each process
+    reads only the rows its devices hold.
+    """
+    batch = data.get_batch(dataset.train, batch_size=config.batch_size,
+                           block_size=config.model.block_size, seed=config.seed, step=step,
+                           rows=_process_rows(mesh, config.batch_size))
+    return batch if mesh is None else sharding.put_batch(batch, mesh, config.batch_size)
+
+
+def _process_rows(mesh: Mesh | None, batch_size: int) -> slice | None:
+    if mesh is None or jax.process_count() == 1:
+        return None
+    return sharding.local_rows(mesh, batch_size)
 
 
 class _StopRequests:
@@ -154,35 +234,54 @@ class _StopRequests:
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    """Prints a progress line (from process 0 only in multi-process runs)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """Trains (or resumes) the run that `config` describes; returns the last eval record."""
     jax.config.update("jax_threefry_partitionable", True)
     config_lib.validate(config)
-    manager = checkpoint.make_manager(config.out_dir, keep=config.keep_checkpoints)
-    start = manager.latest_step()
+    _enable_compile_cache(config)
     dataset = data.load_dataset(config.data)
+    # Checkpoints are opened once the inputs are known to be good, so that a bad run never
+    # creates (or touches) out_dir.
+    saved = checkpoint.open_for_reading(config.out_dir) if checkpoint.has_checkpoint(
+        config.out_dir) else None
+    start = None if saved is None else saved.latest_step()
     pretrained = None
     if config.init_from:
-        config, pretrained = _resolve_init_from(config, manager, start, dataset)
+        config, pretrained = _resolve_init_from(config, saved, start, dataset)
+    if saved is not None:
+        _check_compatible(config, saved, start, dataset.tokenizer.to_json())
+        saved.close()
     model_cfg = model_config(config, dataset.tokenizer.vocab_size)
     dataset.check_fits(model_cfg.block_size)
     log(f"data: {dataset.directory} ({len(dataset.train):,} train / {len(dataset.val):,} val "
         f"tokens, vocab {model_cfg.vocab_size})")
     log(size_report(model_cfg))
 
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
+    manager = checkpoint.make_manager(config.out_dir, keep=config.keep_checkpoints)
     model = GPT(model_cfg)
     tx = optim.make_optimizer(config)
     schedule = optim.lr_schedule(config)
     tokenizer_table = dataset.tokenizer.to_json()
 
-    state = init_train_state(model_cfg, tx, config.seed, params=pretrained)
+    init = functools.partial(init_train_state, model_cfg, tx, config.seed)
+    state_shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
     if start is not None:
-        _check_compatible(config, manager, start, tokenizer_table)
-        state = checkpoint.restore_state(manager, start, state)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(init), state_shardings)
+        state = checkpoint.restore_state(manager, start, abstract)
         log(f"resuming from step {start}")
+    elif pretrained is not None:
+        state = jax.device_put(init(params=pretrained), state_shardings)
+    else:  # born sharded: each device only ever holds its shards
+        state = jax.jit(init, out_shardings=state_shardings)()
+    log(sharding.memory_report(state, mesh))
     start = int(start or 0)
     if start >= config.max_steps:
         log(f"step {start} already reached max_steps={config.max_steps}: nothing to do "
@@ -190,20 +289,31 @@ def run(config: ml_collections.ConfigDict) -> dict:
         manager.close()
         return {"step": start}
 
-    writer = metrics.MetricsWriter(config.out_dir, resume_step=start if start else None)
-    step_fn = make_train_step(model, tx, config.grad_accum_steps)
-    eval_step = make_eval_step(model)
+    writer = metrics.MetricsWriter(config.out_dir, resume_step=start if start else None,
+                                   enabled=jax.process_index() == 0)
+    step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings)
+    eval_step = make_eval_step(model, mesh)
     tokens_per_step = config.batch_size * model_cfg.block_size
 
     def save(step):
         checkpoint.save(manager, step, state, config.to_dict(), tokenizer_table)
 
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, train_batch(dataset, config, start), state.rng).compile()
-    log(f"train step compiled in {time.perf_counter() - t0:.2f} s")
+    with _CacheHits() as hits:
+        compiled = step_fn.lower(state, train_batch(dataset, config, start, mesh),
+                                 state.rng).compile()
+    log(f"train step compiled in {time.perf_counter() - t0:.2f} s"
+        + (" (from the persistent compilation cache)" if hits.count else ""))
+    flops_per_token = metrics.flops_per_token(
+        count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
+        model_cfg.block_size)
+    peak, peak_source = metrics.peak_flops_per_device()
+    peak *= jax.device_count()
+    log(_flops_report(flops_per_token * tokens_per_step, metrics.xla_flops(compiled),
+                      peak, peak_source))
 
     def evaluate(step: int) -> dict:
-        losses = estimate_loss(eval_step, state.params, dataset, config, step)
+        losses = estimate_loss(eval_step, state.params, dataset, config, step, mesh)
         return {"eval_train_loss": losses["train"], "val_loss": losses["val"]}
 
     last_eval = {}
@@ -226,7 +336,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                         f"checkpoint saved in {checkpoint.checkpoint_dir(config.out_dir)}: run "
                         "the same command to resume", 128 + stop.signum)
 
-                batch = train_batch(dataset, config, step)
+                batch = train_batch(dataset, config, step, mesh)
                 state, step_metrics = compiled(state, batch, jax.random.fold_in(state.rng, step))
                 step += 1
                 steps_since_log += 1
@@ -245,6 +355,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                               "grad_norm": float(step_metrics["grad_norm"]),
                               "ms_per_step": 1000 * elapsed / steps_since_log,
                               "tokens_per_sec": tokens_per_step * steps_since_log / elapsed}
+                    record["mfu"] = record["tokens_per_sec"] * flops_per_token / peak
                     if is_eval:
                         last_eval = {"step": step, "lr": record["lr"], **evaluate(step)}
                         record.update(last_eval)
@@ -258,6 +369,42 @@ def run(config: ml_collections.ConfigDict) -> dict:
         manager.close()
         writer.close()
     return last_eval
+
+
+def _enable_compile_cache(config: ml_collections.ConfigDict) -> None:
+    """Turns on JAX's persistent compilation cache, so a rerun of a config skips compiling."""
+    directory = config.compile_cache_dir or str(data.cache_root(config.data) / "jax_compile")
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class _CacheHits:
+    """Counts persistent compilation cache hits while the `with` block runs."""
+
+    EVENT = "/jax/compilation_cache/cache_hits"
+
+    def __enter__(self):
+        self.count, self._active = 0, True
+
+        def listener(event, **kwargs):
+            if self._active and event == self.EVENT:
+                self.count += 1
+
+        jax.monitoring.register_event_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        self._active = False  # jax has no public way to unregister a listener
+
+
+def _flops_report(formula: float, xla: float | None, peak: float, peak_source: str) -> str:
+    """Returns one line: FLOPs per train step by the 6N + 12LDT formula and by XLA, and the peak."""
+    line = f"FLOPs per step: {formula / 1e9:,.2f} G by 6N + 12·n_layer·n_embd·block_size"
+    if xla is not None:
+        total = xla * jax.device_count()
+        line += f", {total / 1e9:,.2f} G by XLA's cost analysis ({total / formula:.2f}x)"
+    return line + f"; MFU against {peak / 1e12:,.3f} TFLOP/s ({peak_source})"
 
 
 def _resolve_init_from(config: ml_collections.ConfigDict, manager, start, dataset):
