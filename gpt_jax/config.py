@@ -64,12 +64,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.qkv_bias = True
     c.model.pos_encoding = "learned"
     c.model.tie_embeddings = True
-    c.model.dtype = "float32"
+    c.model.dtype = "auto"  # compute dtype: auto is bfloat16 on GPU/TPU, float32 on CPU
     return c
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters",
              "log_interval", "checkpoint_interval", "keep_checkpoints")
+
+
+def compute_dtype(name: str, backend: str) -> str:
+    """Returns the compute dtype `model.dtype` names on `backend` (resolving "auto")."""
+    if name != "auto":
+        return name
+    return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -98,5 +106,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"warmup_steps={config.warmup_steps} is longer than the decay ({decay} steps): "
             "lower --config.warmup_steps or raise --config.decay_steps"
         )
+    if config.model.dtype not in COMPUTE_DTYPES:
+        raise UserError(f"model.dtype={config.model.dtype!r} is unknown: use one of "
+                        f"{', '.join(COMPUTE_DTYPES)}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}")

@@ -40,7 +40,10 @@ class TrainingStopped(Exception):
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, **config.model.to_dict())
+    """Returns the GPTConfig of `config` (model.dtype "auto" resolved for this backend)."""
+    fields = config.model.to_dict()
+    fields["dtype"] = config_lib.compute_dtype(fields["dtype"], jax.default_backend())
+    return GPTConfig(vocab_size=vocab_size, **fields)
 
 
 def init_train_state(model_cfg: GPTConfig, tx: optax.GradientTransformation,
@@ -243,6 +246,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Trains (or resumes) the run that `config` describes; returns the last eval record."""
     jax.config.update("jax_threefry_partitionable", True)
     config_lib.validate(config)
+    config = ml_collections.ConfigDict(config.to_dict())  # ours to resolve; the caller's stays
+    config.model.dtype = config_lib.compute_dtype(config.model.dtype, jax.default_backend())
     _enable_compile_cache(config)
     dataset = data.load_dataset(config.data)
     # Checkpoints are opened once the inputs are known to be good, so that a bad run never
@@ -442,8 +447,9 @@ def _check_compatible(config: ml_collections.ConfigDict, manager, step: int,
     """Raises UserError when out_dir's checkpoint was made by another model or tokenizer."""
     saved_config, saved_tokenizer = checkpoint.read_metadata(manager, step)
     saved_model, model = saved_config.get("model", {}), config.model.to_dict()
+    # dropout and the compute dtype may change between runs; the parameters stay the same.
     diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in model.items()
-             if saved_model.get(k) != v]
+             if saved_model.get(k) != v and k not in ("dropout", "dtype")]
     if diffs:
         raise UserError(f"{config.out_dir} holds a checkpoint of a different model "
                         f"(model.{'; model.'.join(diffs)}): use a new --config.out_dir or the "

@@ -143,3 +143,34 @@ def test_grad_accum_must_divide_the_batch(tiny_config):
     tiny_config.grad_accum_steps = 3
     with pytest.raises(UserError, match="batch_size=4 is not divisible by grad_accum_steps=3"):
         trainer.run(tiny_config)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
+    from configs.shakespeare_cpu import get_config
+
+    tx = optim.make_optimizer(get_config())
+    tokens = np.random.default_rng(0).integers(0, 32, size=(8, 17)).astype(np.int32)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, dtype=dtype)
+        state = trainer.init_train_state(cfg, tx, seed=0)
+        step = trainer.make_train_step(GPT(cfg), tx)
+        losses[dtype] = []
+        for _ in range(5):
+            state, metrics = step(state, batch, state.rng)
+            losses[dtype].append(float(metrics["loss"]))
+        assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+        logits = GPT(cfg).apply({"params": state.params}, batch[0])
+        assert logits.dtype == np.float32  # the loss and softmax statistics stay float32
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=0.03)
+    assert losses["bfloat16"] != losses["float32"]  # the matmuls really ran in bfloat16
+
+
+def test_auto_dtype_is_float32_on_cpu_and_saved_resolved(tiny_config):
+    assert tiny_config.model.dtype == "auto"
+    tiny_config.max_steps = 1
+    trainer.run(tiny_config)
+    saved = checkpoint.read_metadata(checkpoint.open_for_reading(tiny_config.out_dir), 1)[0]
+    assert saved["model"]["dtype"] == "float32"
+    assert tiny_config.model.dtype == "auto"  # the caller's config is not changed
