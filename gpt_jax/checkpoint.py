@@ -4,6 +4,8 @@ Layout: OUT_DIR/checkpoints/<step>/{state, config, tokenizer}. Every checkpoint 
 model's hyperparameters and the tokenizer table, so sampling needs nothing else.
 """
 
+import shutil
+import time
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -35,17 +37,34 @@ def save(manager: ocp.CheckpointManager, step: int, state, config: dict, tokeniz
     ), force=True)
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint step that exists but cannot be read back."""
+
+
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
-    """Returns the train state saved at `step`, shaped and placed like `abstract_state`."""
+    """Returns the train state saved at `step`, shaped and placed like `abstract_state`.
+
+    Raises DamagedCheckpoint when the step's files are missing or corrupt.
+    """
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
     except Exception as err:  # noqa: BLE001 (orbax raises many types for a damaged tree)
-        raise UserError(
-            f"checkpoint {manager.directory / str(step)} could not be restored ({_first_line(err)}): "
-            "delete that step's directory to fall back to an earlier one, or use a new out_dir"
-        ) from None
+        raise DamagedCheckpoint(_first_line(err)) from None
     return restored.state
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Moves a damaged step out of the checkpoints (to OUT_DIR/damaged/) and returns where.
+
+    Nothing is deleted: the files stay for inspection, and the manager forgets the step.
+    """
+    source = Path(manager.directory) / str(step)
+    target = source.parent.parent / "damaged" / f"{step}-{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, target)
+    manager.reload()
+    return target
 
 
 def has_checkpoint(out_dir) -> bool:
@@ -69,17 +88,23 @@ def open_for_reading(out_dir) -> ocp.CheckpointManager:
 
 def read_metadata(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
     """Returns (config, tokenizer table) saved with the checkpoint at `step`."""
-    restored = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
-    return dict(restored.config), dict(restored.tokenizer)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()))
+        return dict(restored.config), dict(restored.tokenizer)
+    except Exception as err:  # noqa: BLE001 (missing or truncated JSON, in orbax's wrapping)
+        raise DamagedCheckpoint(_first_line(err)) from None
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params):
     """Returns only the parameters saved at `step` (the optimizer state is not read)."""
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+    except Exception as err:  # noqa: BLE001 (orbax raises many types for a damaged tree)
+        raise DamagedCheckpoint(_first_line(err)) from None
     return restored.state["params"]
 
 
@@ -90,10 +115,16 @@ def load_model(out_dir, step: int | None = None):
     if step not in manager.all_steps():
         raise UserError(f"{out_dir} has no checkpoint at step {step}: it has "
                         f"{sorted(manager.all_steps())}")
-    saved_config, tokenizer_table = read_metadata(manager, step)
-    tokenizer = data.tokenizer_from_json(tokenizer_table)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, **saved_config["model"])
-    params = restore_params(manager, step, abstract_params(config))
+    try:
+        saved_config, tokenizer_table = read_metadata(manager, step)
+        tokenizer = data.tokenizer_from_json(tokenizer_table)
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, **saved_config["model"])
+        params = restore_params(manager, step, abstract_params(config))
+    except DamagedCheckpoint as err:
+        older = sorted(s for s in manager.all_steps() if s < step)
+        hint = f"pass --step {older[-1]}" if older else "retrain"
+        raise UserError(f"checkpoint {manager.directory / str(step)} is damaged ({err}): "
+                        f"{hint}") from None
     manager.close()
     return step, config, params, tokenizer
 

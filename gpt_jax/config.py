@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.beta1 = 0.9
     c.beta2 = 0.95
     c.grad_clip = 1.0  # global-norm clipping; 0 turns it off
+    # A step whose loss or gradient norm is NaN/Inf never updates the parameters. False: the
+    # run stops with an error naming that step; True: such steps are skipped and counted.
+    c.skip_nonfinite = False
 
     # Devices: mesh.data x mesh.fsdp must equal the device count; -1 fills the rest. The batch
     # is split over both axes; fsdp also shards the large parameters and their AdamW state.

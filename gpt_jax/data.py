@@ -202,6 +202,9 @@ def prepare_char_corpus(text_path: Path, root: Path, val_fraction: float = 0.1) 
     raw = text_path.read_bytes()
     if not raw.strip():
         raise UserError(f"corpus {text_path} is empty: give a UTF-8 text file with some text in it")
+    if b"\x00" in raw[: 1 << 20]:
+        raise UserError(f"corpus {text_path} looks binary (it has NUL bytes): give a UTF-8 text "
+                        "file, or a prepared directory with train.bin/val.bin")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

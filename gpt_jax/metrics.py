@@ -26,10 +26,12 @@ class MetricsWriter:
             return
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            # Records logged after the checkpoint we resume from will be written again.
+        if self.path.exists():
+            # Records logged after the checkpoint we resume from (all of them on a fresh start)
+            # will be written again; a line cut short by a kill is dropped.
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+                    if resume_step and _step_of(line) is not None
+                    and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
@@ -44,6 +46,13 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def format_record(record: dict) -> str:

@@ -96,12 +96,18 @@ def sinusoidal_positions(block_size: int, n_embd: int) -> np.ndarray:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection and a causal mask."""
+    """Multi-head self-attention with one fused qkv projection and a causal mask.
+
+    In decode mode the keys and values of every position seen so far live in the `cache`
+    collection, (B, block_size, H, K) each: the new ones are written at `positions_BT` and the
+    queries attend to every cached position up to their own.
+    """
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
+                 positions_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         B, T, D = x_BTD.shape
         H = cfg.n_head
@@ -109,14 +115,32 @@ class CausalSelfAttention(nn.Module):
         q_BTHK, k_BTHK, v_BTHK = (
             a.reshape(B, T, H, D // H) for a in jnp.split(qkv_BT3D, 3, axis=-1)
         )
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK) / math.sqrt(D // H)
-        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-        scores_BHTS = jnp.where(causal_TS, scores_BHTS.astype(jnp.float32), -jnp.inf)
+        if positions_BT is None:
+            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+            visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S): S is T
+        else:
+            k_BSHK, v_BSHK = self._cached(k_BTHK, v_BTHK, positions_BT)
+            S = cfg.block_size
+            visible = (jnp.arange(S) <= positions_BT[:, :, None])[:, None]  # (B, 1, T, S)
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / math.sqrt(D // H)
+        scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
         probs_BHTS = nn.Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
-        y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
+        y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
         y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+    def _cached(self, k_BTHK, v_BTHK, positions_BT):
+        """Writes the new keys and values at their positions; returns the whole cache."""
+        B, T, H, K = k_BTHK.shape
+        shape = (B, self.config.block_size, H, K)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k_BTHK.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v_BTHK.dtype)
+        rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        # Positions past block_size (padding beyond a full window) are dropped, not clamped.
+        cached_k.value = cached_k.value.at[rows_BT, positions_BT].set(k_BTHK, mode="drop")
+        cached_v.value = cached_v.value.at[rows_BT, positions_BT].set(v_BTHK, mode="drop")
+        return cached_k.value, cached_v.value
 
 
 class MLP(nn.Module):
@@ -139,10 +163,11 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
+                 positions_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         h_BTD = _layer_norm(cfg, "ln_1")(x_BTD).astype(cfg.compute_dtype)
-        x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(h_BTD, deterministic)
+        x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(h_BTD, deterministic, positions_BT)
         h_BTD = _layer_norm(cfg, "ln_2")(x_BTD).astype(cfg.compute_dtype)
         return x_BTD + MLP(cfg, name="mlp")(h_BTD, deterministic)
 
@@ -151,14 +176,20 @@ class GPT(nn.Module):
     """GPT-2 language model: token ids (B, T) -> next-token logits (B, T, vocab_size) in float32.
 
     Dropout is active only when the module is applied with a 'dropout' rng.
+
+    With decode=True the same parameters run against the `cache` collection (see init_cache):
+    row b of idx_BT sits at positions index[b], index[b] + 1, ... after the tokens already cached,
+    and attends to all of them. index[b] then advances by lengths_B[b] (default T): the rest of
+    the row is right padding, which no later token ever attends to.
     """
 
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, idx_BT: jax.Array) -> jax.Array:
+    def __call__(self, idx_BT: jax.Array, decode: bool = False,
+                 lengths_B: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        T = idx_BT.shape[1]
+        B, T = idx_BT.shape
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         deterministic = not self.has_rng("dropout")
@@ -167,13 +198,20 @@ class GPT(nn.Module):
         )
         x_BTD = wte(idx_BT)
         if cfg.pos_encoding == "learned":
-            wpe = self.param("wpe", nn.initializers.normal(0.02), (cfg.block_size, cfg.n_embd))
-            x_BTD = x_BTD + wpe[:T]
+            wpe_SD = self.param("wpe", nn.initializers.normal(0.02), (cfg.block_size, cfg.n_embd))
         else:
-            x_BTD = x_BTD + sinusoidal_positions(cfg.block_size, cfg.n_embd)[:T]
+            wpe_SD = sinusoidal_positions(cfg.block_size, cfg.n_embd)
+        positions_BT = None
+        if decode:
+            index = self.variable("cache", "index", jnp.zeros, (B,), jnp.int32)
+            positions_BT = index.value[:, None] + jnp.arange(T, dtype=jnp.int32)
+            index.value = index.value + (T if lengths_B is None else lengths_B)
+            x_BTD = x_BTD + jnp.take(wpe_SD, positions_BT, axis=0, mode="clip")
+        else:
+            x_BTD = x_BTD + wpe_SD[:T]
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         for i in range(cfg.n_layer):
-            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
+            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT)
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD).astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             logits_BTV = _on_rows(wte.attend, x_BTD)
@@ -186,6 +224,14 @@ def init_params(config: GPTConfig, rng: jax.Array):
     """Returns freshly initialised parameters (GPT-2 initialisation) for `config`."""
     dummy_BT = jnp.zeros((1, config.block_size), dtype=jnp.int32)
     return jax.jit(lambda key: GPT(config).init(key, dummy_BT)["params"])(rng)
+
+
+def init_cache(config: GPTConfig, batch_size: int):
+    """Returns an empty decode cache: per-layer keys and values, and each row's length (0)."""
+    dummy_B1 = jnp.zeros((batch_size, 1), dtype=jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: GPT(config).init(jax.random.PRNGKey(0), dummy_B1, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def abstract_params(config: GPTConfig):

@@ -1,6 +1,8 @@
 """TrainState, the pure train and eval steps, and the training loop."""
 
+import dataclasses
 import functools
+import os
 import signal
 import time
 from pathlib import Path
@@ -29,6 +31,11 @@ class TrainState:
     params: PyTree
     opt_state: PyTree
     rng: jax.Array  # base key; step k's dropout key is fold_in(rng, k)
+    # Steps whose loss or gradient norm was NaN/Inf (their update was not applied), and the
+    # first such step (-1: none yet).
+    nonfinite_steps: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+    first_nonfinite_step: jax.Array = dataclasses.field(
+        default_factory=lambda: jnp.full((), -1, jnp.int32))
 
 
 class TrainingStopped(Exception):
@@ -133,10 +140,20 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
     """
     loss, grads = sharded_value_and_grad(state.params, batch, rng, model=model, mesh=mesh,
                                          grad_accum_steps=grad_accum_steps)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    # A step whose loss or gradient is not finite leaves params and AdamW state as they were,
+    # so NaNs never reach the parameters (or a checkpoint); the loop decides whether to stop.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
+                          state.first_nonfinite_step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+                              first_nonfinite_step=first_bad)
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
 def default_mesh() -> Mesh:
@@ -246,21 +263,21 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Trains (or resumes) the run that `config` describes; returns the last eval record."""
     jax.config.update("jax_threefry_partitionable", True)
     config_lib.validate(config)
+    _check_out_dir(config.out_dir)
     config = ml_collections.ConfigDict(config.to_dict())  # ours to resolve; the caller's stays
     config.model.dtype = config_lib.compute_dtype(config.model.dtype, jax.default_backend())
     _enable_compile_cache(config)
     dataset = data.load_dataset(config.data)
     # Checkpoints are opened once the inputs are known to be good, so that a bad run never
     # creates (or touches) out_dir.
-    saved = checkpoint.open_for_reading(config.out_dir) if checkpoint.has_checkpoint(
-        config.out_dir) else None
-    start = None if saved is None else saved.latest_step()
+    start, saved = None, None
+    if checkpoint.has_checkpoint(config.out_dir):
+        start, saved = _latest_readable_metadata(checkpoint.open_for_reading(config.out_dir))
     pretrained = None
     if config.init_from:
-        config, pretrained = _resolve_init_from(config, saved, start, dataset)
+        config, pretrained = _resolve_init_from(config, saved, dataset)
     if saved is not None:
-        _check_compatible(config, saved, start, dataset.tokenizer.to_json())
-        saved.close()
+        _check_compatible(config, saved, dataset.tokenizer.to_json())
     model_cfg = model_config(config, dataset.tokenizer.vocab_size)
     dataset.check_fits(model_cfg.block_size)
     log(f"data: {dataset.directory} ({len(dataset.train):,} train / {len(dataset.val):,} val "
@@ -280,7 +297,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if start is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 jax.eval_shape(init), state_shardings)
-        state = checkpoint.restore_state(manager, start, abstract)
+        start, state = _restore_latest_good(manager, abstract)
+    if start is not None:
         log(f"resuming from step {start}")
     elif pretrained is not None:
         state = jax.device_put(init(params=pretrained), state_shardings)
@@ -294,13 +312,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
         manager.close()
         return {"step": start}
 
-    writer = metrics.MetricsWriter(config.out_dir, resume_step=start if start else None,
+    writer = metrics.MetricsWriter(config.out_dir, resume_step=start,
                                    enabled=jax.process_index() == 0)
     step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings)
     eval_step = make_eval_step(model, mesh)
     tokens_per_step = config.batch_size * model_cfg.block_size
 
     def save(step):
+        _check_finite(state, config)  # never save after a non-finite step unless skipping
         checkpoint.save(manager, step, state, config.to_dict(), tokenizer_table)
 
     t0 = time.perf_counter()
@@ -351,16 +370,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 if step % config.log_interval == 0 or is_eval:
                     loss = float(step_metrics["loss"])
                     elapsed = time.perf_counter() - t_last
-                    if not np.isfinite(loss):
-                        raise UserError(
-                            f"the loss became {loss} at step {step}: lower --config.learning_rate"
-                            " or raise --config.warmup_steps; the checkpoints in "
-                            f"{checkpoint.checkpoint_dir(config.out_dir)} are untouched")
+                    skipped = _check_finite(state, config)
                     record = {"step": step, "train_loss": loss, "lr": float(schedule(step)),
                               "grad_norm": float(step_metrics["grad_norm"]),
                               "ms_per_step": 1000 * elapsed / steps_since_log,
                               "tokens_per_sec": tokens_per_step * steps_since_log / elapsed}
                     record["mfu"] = record["tokens_per_sec"] * flops_per_token / peak
+                    if config.skip_nonfinite:
+                        record["skipped_steps"] = skipped
                     if is_eval:
                         last_eval = {"step": step, "lr": record["lr"], **evaluate(step)}
                         record.update(last_eval)
@@ -374,6 +391,50 @@ def run(config: ml_collections.ConfigDict) -> dict:
         manager.close()
         writer.close()
     return last_eval
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Raises UserError when out_dir is not a directory this process can create or write."""
+    path = Path(out_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"out_dir {path} is a file: choose a directory, --config.out_dir=DIR")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir {path} cannot be written ({ancestor} is not a writable "
+                        "directory): choose another --config.out_dir")
+
+
+def _check_finite(state: TrainState, config: ml_collections.ConfigDict) -> int:
+    """Returns the number of non-finite steps so far; raises UserError at the first one unless
+    config.skip_nonfinite (the update of such a step was never applied either way)."""
+    first = int(state.first_nonfinite_step)
+    if first > 0 and not config.skip_nonfinite:
+        raise UserError(
+            f"the loss or gradient norm became NaN/Inf at step {first}: lower "
+            "--config.learning_rate or raise --config.warmup_steps (or pass "
+            "--config.skip_nonfinite=True to skip such steps); no parameters from that step "
+            f"were saved, the checkpoints in {checkpoint.checkpoint_dir(config.out_dir)} are good")
+    return int(state.nonfinite_steps)
+
+
+def _restore_latest_good(manager, abstract_state) -> tuple[int | None, Any]:
+    """Returns (step, state) of the newest checkpoint that restores, newest first.
+
+    A damaged checkpoint (files missing or truncated, e.g. by a kill during a save on a file
+    system without atomic renames) is moved to OUT_DIR/damaged/ with a one-line notice and
+    the next older one is tried; (None, None) when none is left.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, checkpoint.restore_state(manager, step, abstract_state)
+        except checkpoint.DamagedCheckpoint as err:
+            moved = checkpoint.set_aside(manager, step)
+            log(f"warning: checkpoint {step} is damaged ({err}); moved it to {moved} and "
+                "fell back to the previous one")
+    log("warning: no checkpoint could be restored; starting from scratch")
+    return None, None
 
 
 def _enable_compile_cache(config: ml_collections.ConfigDict) -> None:
@@ -412,7 +473,21 @@ def _flops_report(formula: float, xla: float | None, peak: float, peak_source: s
     return line + f"; MFU against {peak / 1e12:,.3f} TFLOP/s ({peak_source})"
 
 
-def _resolve_init_from(config: ml_collections.ConfigDict, manager, start, dataset):
+def _latest_readable_metadata(manager) -> tuple[int | None, tuple[dict, dict] | None]:
+    """Returns (step, (config, tokenizer)) of the newest checkpoint whose metadata reads."""
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return step, checkpoint.read_metadata(manager, step)
+            except checkpoint.DamagedCheckpoint as err:
+                moved = checkpoint.set_aside(manager, step)
+                log(f"warning: checkpoint {step} is damaged ({err}); moved it to {moved}")
+        return None, None
+    finally:
+        manager.close()
+
+
+def _resolve_init_from(config: ml_collections.ConfigDict, saved, dataset):
     """Returns (config with the pretrained model's shape, its params or None on a resume).
 
     The pretrained model fixes every shape field of config.model except block_size, which
@@ -422,8 +497,8 @@ def _resolve_init_from(config: ml_collections.ConfigDict, manager, start, datase
     from gpt_jax import hf
 
     config = ml_collections.ConfigDict(config.to_dict())
-    if start is not None:
-        saved_model = checkpoint.read_metadata(manager, start)[0]["model"]
+    if saved is not None:
+        saved_model = saved[0]["model"]
         config.model.update({k: saved_model[k] for k in HF_SHAPE_FIELDS})
         return config, None
     hf_cfg, params = hf.load(config.init_from, block_size=config.model.block_size)
@@ -442,10 +517,10 @@ HF_SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bia
                    "pos_encoding", "tie_embeddings")
 
 
-def _check_compatible(config: ml_collections.ConfigDict, manager, step: int,
+def _check_compatible(config: ml_collections.ConfigDict, saved: tuple[dict, dict],
                       tokenizer_table: dict) -> None:
     """Raises UserError when out_dir's checkpoint was made by another model or tokenizer."""
-    saved_config, saved_tokenizer = checkpoint.read_metadata(manager, step)
+    saved_config, saved_tokenizer = saved
     saved_model, model = saved_config.get("model", {}), config.model.to_dict()
     # dropout and the compute dtype may change between runs; the parameters stay the same.
     diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in model.items()

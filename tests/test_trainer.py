@@ -73,7 +73,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, capsys):
     for step in (10, 20):  # step 10 was saved mid-run while later steps donated the state
         a, b = _params(straight.out_dir, step), _params(tiny_config.out_dir, step)
         jax.tree.map(np.testing.assert_array_equal, a, b)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_sec")}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_sec", "mfu")}
                         for r in rs]
     assert strip(_records(tmp_path / "straight")) == strip(_records(tmp_path / "stopped"))
 
@@ -102,13 +102,6 @@ def test_resume_with_another_model_is_refused(tiny_config):
     trainer.run(tiny_config)
     tiny_config.model.n_embd = 64
     with pytest.raises(UserError, match="different model .*n_embd 32 vs 64"):
-        trainer.run(tiny_config)
-
-
-def test_non_finite_loss_stops_the_run(tiny_config):
-    tiny_config.learning_rate, tiny_config.min_lr, tiny_config.grad_clip = 1e12, 1e12, 0.0
-    tiny_config.log_interval = 1
-    with pytest.raises(UserError, match="the loss became (nan|inf)"):
         trainer.run(tiny_config)
 
 
