@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Empty: <cache root>/jax_compile (see data.cache_dir).
     c.compile_cache_dir = ""
 
-    # AdamW with linear warmup, then cosine decay to min_lr at decay_steps (0: max_steps).
+    # AdamW with linear warmup, then lr_schedule: cosine (decay to min_lr at decay_steps, 0:
+    # max_steps), inverse_sqrt (the original Transformer's; min_lr unused) or constant.
+    c.lr_schedule = "cosine"
     c.learning_rate = 6e-4
     c.min_lr = 6e-5
     c.warmup_steps = 100
@@ -71,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters",
              "log_interval", "checkpoint_interval", "keep_checkpoints")
@@ -103,8 +106,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
             f"{config.learning_rate}, min_lr={config.min_lr}"
         )
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"lr_schedule={config.lr_schedule!r} is unknown: use one of "
+                        f"{', '.join(LR_SCHEDULES)}")
+    if config.lr_schedule == "inverse_sqrt" and config.warmup_steps < 1:
+        raise UserError("lr_schedule=inverse_sqrt needs warmup_steps >= 1 (it decays as "
+                        "sqrt(warmup_steps / step)): set --config.warmup_steps")
     decay = config.decay_steps or config.max_steps
-    if config.warmup_steps > decay:
+    if config.lr_schedule == "cosine" and config.warmup_steps > decay:
         raise UserError(
             f"warmup_steps={config.warmup_steps} is longer than the decay ({decay} steps): "
             "lower --config.warmup_steps or raise --config.decay_steps"

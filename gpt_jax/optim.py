@@ -1,22 +1,31 @@
 """The optax chain: warmup-then-cosine schedule, global-norm clipping, AdamW with a decay mask."""
 
 import jax
+import jax.numpy as jnp
 import optax
+
+LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 
 
 def lr_schedule(config) -> optax.Schedule:
-    """Returns lr(step): 0 at step 0, learning_rate at warmup_steps, min_lr at the decay end.
+    """Returns lr(step): a linear warmup from 0 to learning_rate, then config.lr_schedule.
 
-    `step` counts optimizer updates done; update number k (1-based) uses lr(k), so the first
-    update already moves the weights and the last of max_steps updates uses min_lr.
+    cosine: down to min_lr at decay_steps (0: max_steps), then flat (GPT-2, nanoGPT).
+    inverse_sqrt: learning_rate * sqrt(warmup_steps / step), the original Transformer's.
+    constant: learning_rate. `step` counts optimizer updates done; update number k (1-based)
+    uses lr(k), so the first update already moves the weights.
     """
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=config.decay_steps or config.max_steps,
-        end_value=config.min_lr,
-    )
+    peak, warmup = config.learning_rate, config.warmup_steps
+    kind = config.get("lr_schedule", "cosine")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=config.decay_steps or config.max_steps, end_value=config.min_lr)
+    if kind == "inverse_sqrt":
+        decay = lambda count: peak * jnp.sqrt(warmup / jnp.maximum(count + warmup, 1))
+    else:
+        decay = optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
 def decay_mask(params):

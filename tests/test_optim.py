@@ -59,3 +59,13 @@ def test_gradients_are_clipped_to_global_norm():
     _, state = tx.update(grads, tx.init(params), params)
     mu = state[1][0].mu["w"]
     np.testing.assert_allclose(mu, (1 - config.beta1) * np.array([0.6, 0.8, 0.0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, at_400", [("inverse_sqrt", 1e-3 * 0.5), ("constant", 1e-3)])
+def test_other_schedules_warm_up_then_follow_their_rule(kind, at_400):
+    config = get_config()  # lr 1e-3, 100 warmup steps
+    config.lr_schedule = kind
+    s = optim.lr_schedule(config)
+    assert float(s(0)) == 0.0 and float(s(50)) == pytest.approx(5e-4, rel=1e-6)
+    assert float(s(100)) == pytest.approx(1e-3)
+    assert float(s(400)) == pytest.approx(at_400, rel=1e-6)  # sqrt(100 / 400) = 0.5
