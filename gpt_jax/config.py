@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_interval = 10
     c.checkpoint_interval = 250
     c.keep_checkpoints = 3  # newest checkpoints kept in out_dir
+    c.progress_bar = True  # a tqdm bar (steps, ETA, loss) when stderr is a terminal
+    c.wandb_project = ""  # also log to this Weights & Biases project (needs wandb installed)
     # JAX's persistent compilation cache: a rerun of the same config skips compiling.
     # Empty: <cache root>/jax_compile (see data.cache_dir).
     c.compile_cache_dir = ""

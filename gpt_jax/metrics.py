@@ -1,4 +1,4 @@
-"""The loss, and the per-step records written to stdout and OUT_DIR/metrics.jsonl."""
+"""The loss, the per-step records (stdout, metrics.jsonl, TensorBoard), FLOPs and MFU."""
 
 import functools
 import json
@@ -17,35 +17,100 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
         logits_BTV.astype(jnp.float32), targets_BT).mean()
 
 
-class MetricsWriter:
-    """Appends one JSON object per logged step to OUT_DIR/metrics.jsonl, flushed per line."""
+TIMING_KEYS = ("ms_per_step", "tokens_per_sec", "mfu", "elapsed_s")
 
-    def __init__(self, out_dir, resume_step: int | None = None, enabled: bool = True):
-        self.enabled = enabled  # only process 0 writes in multi-process runs
-        if not enabled:
-            return
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+
+class _JsonLines:
+    """One JSON object per line, flushed per line; on resume, lines past the step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if path.exists():
             # Records logged after the checkpoint we resume from (all of them on a fresh start)
             # will be written again; a line cut short by a kill is dropped.
-            kept = [line for line in self.path.read_text().splitlines()
+            kept = [line for line in path.read_text().splitlines()
                     if resume_step and _step_of(line) is not None
                     and _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 
     def close(self) -> None:
+        self._file.close()
+
+
+class MetricsWriter:
+    """Writes each logged step's record to OUT_DIR: metrics.jsonl, timing.jsonl, TensorBoard.
+
+    metrics.jsonl holds what the run computes (losses, lr, norms): the same config and seed
+    give the same file, byte for byte. Wall-clock figures (ms/step, tokens/s, MFU) go to
+    timing.jsonl. Every number also goes to TensorBoard event files in OUT_DIR/tensorboard,
+    and to Weights & Biases when a project is named and wandb is installed.
+    """
+
+    def __init__(self, out_dir, resume_step: int | None = None, enabled: bool = True,
+                 wandb_project: str = "", run_config: dict | None = None):
+        self.enabled = enabled  # only process 0 writes in multi-process runs
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._metrics = _JsonLines(out / "metrics.jsonl", resume_step)
+        self._timing = _JsonLines(out / "timing.jsonl", resume_step)
+        from tensorboardX import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(out / "tensorboard"), flush_secs=10)
+        self._wandb = _start_wandb(wandb_project, out, run_config) if wandb_project else None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write({k: v for k, v in record.items() if k not in TIMING_KEYS})
+        timing = {k: v for k, v in record.items() if k in TIMING_KEYS}
+        if timing:
+            self._timing.write({"step": record["step"], **timing})
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tensorboard.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            self._metrics.close()
+            self._timing.close()
+            self._tensorboard.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def _start_wandb(project: str, out: Path, run_config: dict | None):
+    try:
+        import wandb
+    except ImportError:
+        print(f"warning: wandb.project={project!r} but wandb is not installed (pip install "
+              "wandb); logging to metrics.jsonl and TensorBoard only", flush=True)
+        return None
+    return wandb.init(project=project, name=out.name, dir=str(out), config=run_config,
+                      resume="allow")
+
+
+def read_records(out_dir) -> list[dict]:
+    """Returns metrics.jsonl's records with timing.jsonl's figures merged in, by step."""
+    out = Path(out_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if _step_of(line) is not None]
+    if (out / "timing.jsonl").exists():
+        timing = {_step_of(line): json.loads(line)
+                  for line in (out / "timing.jsonl").read_text().splitlines()
+                  if _step_of(line) is not None}
+        records = [{**timing.get(r["step"], {}), **r} for r in records]
+    return records
 
 
 def _step_of(line: str) -> int | None:

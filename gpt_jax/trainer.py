@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,6 +38,8 @@ class TrainState:
     nonfinite_steps: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
     first_nonfinite_step: jax.Array = dataclasses.field(
         default_factory=lambda: jnp.full((), -1, jnp.int32))
+    clipped_steps: jax.Array = dataclasses.field(  # steps whose gradient norm was clipped
+        default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 class TrainingStopped(Exception):
@@ -129,9 +133,16 @@ def _is_spec_leaf(x) -> bool:
     return isinstance(x, P)
 
 
+def norms(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
+    """Returns the global L2 norm of `tree` and of each top-level layer (wte, h_0, ..., ln_f)."""
+    out = {prefix: optax.tree.norm(tree)}
+    out.update({f"{prefix}/{name}": optax.tree.norm(sub) for name, sub in tree.items()})
+    return out
+
+
 def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
-               tx: optax.GradientTransformation, mesh: Mesh,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, mesh: Mesh, grad_accum_steps: int = 1,
+               grad_clip: float = 0.0) -> tuple[TrainState, dict]:
     """Returns the state after one AdamW update on the global `batch`, and that step's metrics.
 
     `rng` is the dropout key of this step; the loop passes fold_in(state.rng, state.step)
@@ -150,10 +161,15 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
                                      (params, opt_state), (state.params, state.opt_state))
     first_bad = jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step + 1,
                           state.first_nonfinite_step)
+    clipped = (grad_clip > 0) & (grad_norm > grad_clip)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-                              first_nonfinite_step=first_bad)
-    return new_state, {"loss": loss, "grad_norm": grad_norm}
+                              first_nonfinite_step=first_bad,
+                              clipped_steps=state.clipped_steps + clipped.astype(jnp.int32))
+    # Stability signals: global and per-layer norms of gradients, parameters and updates.
+    step_metrics = {"loss": loss, **norms("grad_norm", grads), **norms("param_norm", params),
+                    **norms("update_norm", jax.tree.map(jnp.subtract, params, state.params))}
+    return new_state, step_metrics
 
 
 def default_mesh() -> Mesh:
@@ -162,13 +178,13 @@ def default_mesh() -> Mesh:
 
 
 def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-                    mesh: Mesh | None = None, state_shardings=None):
+                    mesh: Mesh | None = None, state_shardings=None, grad_clip: float = 0.0):
     """Returns train_step jit-compiled with the state donated (and kept in its shardings)."""
     mesh = mesh or default_mesh()
     replicated = NamedSharding(mesh, P())
     out_shardings = None if state_shardings is None else (state_shardings, replicated)
     return jax.jit(functools.partial(train_step, model=model, tx=tx, mesh=mesh,
-                                     grad_accum_steps=grad_accum_steps),
+                                     grad_accum_steps=grad_accum_steps, grad_clip=grad_clip),
                    donate_argnums=0, out_shardings=out_shardings)
 
 
@@ -313,8 +329,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
         return {"step": start}
 
     writer = metrics.MetricsWriter(config.out_dir, resume_step=start,
-                                   enabled=jax.process_index() == 0)
-    step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings)
+                                   enabled=jax.process_index() == 0,
+                                   wandb_project=config.wandb_project,
+                                   run_config=config.to_dict())
+    step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings,
+                              config.grad_clip)
     eval_step = make_eval_step(model, mesh)
     tokens_per_step = config.batch_size * model_cfg.block_size
 
@@ -342,14 +361,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     last_eval = {}
     step = start
+    # A progress bar (steps, ETA, loss) on an interactive terminal; plain log lines otherwise.
+    bar_on = config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
+    bar = tqdm.tqdm(total=config.max_steps, initial=start, unit="step", disable=not bar_on,
+                    dynamic_ncols=True)
+    t_run, elapsed_before = time.perf_counter(), _elapsed_before(config.out_dir, start)
     try:
         with _StopRequests() as stop:
             if start == 0:
                 last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0)}
-                writer.write(dict(last_eval, train_loss=last_eval["eval_train_loss"],
-                                  tokens_per_sec=0.0))
+                writer.write(dict(last_eval, train_loss=last_eval["eval_train_loss"]))
                 log(metrics.format_record(last_eval))
             t_last, steps_since_log = time.perf_counter(), 0
+            clipped_at_log = int(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:
                     if step > start:
@@ -368,29 +392,58 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 is_last = step == config.max_steps
                 is_eval = step % config.eval_interval == 0 or is_last
                 if step % config.log_interval == 0 or is_eval:
-                    loss = float(step_metrics["loss"])
-                    elapsed = time.perf_counter() - t_last
-                    skipped = _check_finite(state, config)
-                    record = {"step": step, "train_loss": loss, "lr": float(schedule(step)),
-                              "grad_norm": float(step_metrics["grad_norm"]),
-                              "ms_per_step": 1000 * elapsed / steps_since_log,
-                              "tokens_per_sec": tokens_per_step * steps_since_log / elapsed}
-                    record["mfu"] = record["tokens_per_sec"] * flops_per_token / peak
-                    if config.skip_nonfinite:
-                        record["skipped_steps"] = skipped
+                    now = time.perf_counter()
+                    record = _step_record(step, step_metrics, state, config, schedule,
+                                          clipped_at_log, steps_since_log)
+                    record.update(_timing(now - t_last, now - t_run + elapsed_before,
+                                          steps_since_log, tokens_per_step, flops_per_token,
+                                          peak))
+                    clipped_at_log = int(state.clipped_steps)
                     if is_eval:
                         last_eval = {"step": step, "lr": record["lr"], **evaluate(step)}
                         record.update(last_eval)
                     writer.write(record)
-                    log(metrics.format_record(record))
+                    (bar.write if bar_on else log)(metrics.format_record(record))
+                    bar.set_postfix(loss=f"{record['train_loss']:.4f}", refresh=False)
                     t_last, steps_since_log = time.perf_counter(), 0
+                bar.update(1)
                 if step % config.checkpoint_interval == 0 or is_last:
                     save(step)
     finally:
+        bar.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()
     return last_eval
+
+
+def _step_record(step: int, step_metrics: dict, state: TrainState, config, schedule,
+                 clipped_at_last_log: int, steps: int) -> dict:
+    """Returns the deterministic part of a logged step's record (losses, lr, norms, counts)."""
+    skipped = _check_finite(state, config)
+    record = {"step": step, "train_loss": float(step_metrics["loss"]),
+              "lr": float(schedule(step))}
+    record.update({k: float(v) for k, v in step_metrics.items() if k != "loss"})
+    record["clip_fraction"] = (int(state.clipped_steps) - clipped_at_last_log) / steps
+    if config.skip_nonfinite:
+        record["skipped_steps"] = skipped
+    return record
+
+
+def _timing(seconds: float, elapsed: float, steps: int, tokens_per_step: int,
+            flops_per_token: float, peak: float) -> dict:
+    """Returns the wall-clock part of a record: ms/step, tokens/s, MFU, run time so far."""
+    tokens_per_sec = tokens_per_step * steps / seconds
+    return {"ms_per_step": 1000 * seconds / steps, "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * flops_per_token / peak, "elapsed_s": elapsed}
+
+
+def _elapsed_before(out_dir, start: int) -> float:
+    """Returns the training seconds logged up to `start` by earlier runs of this out_dir."""
+    if not start or not (Path(out_dir) / "metrics.jsonl").exists():
+        return 0.0
+    times = [r.get("elapsed_s", 0.0) for r in metrics.read_records(out_dir) if r["step"] <= start]
+    return max(times, default=0.0)
 
 
 def _check_out_dir(out_dir: str) -> None:

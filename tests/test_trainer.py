@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gpt_jax import checkpoint, data, optim, trainer
+from gpt_jax import metrics as metrics_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig
 
@@ -45,7 +46,9 @@ def test_run_logs_evals_and_checkpoints(tiny_config, capsys):
     assert "parameters: " in out and "memory in float32" in out and "compiled in" in out
     records = _records(Path(tiny_config.out_dir))
     assert [r["step"] for r in records] == [0, 5, 10, 15, 20]
-    assert all({"step", "train_loss", "lr", "tokens_per_sec"} <= r.keys() for r in records)
+    assert all({"step", "train_loss", "lr"} <= r.keys() for r in records)
+    timed = metrics_lib.read_records(tiny_config.out_dir)
+    assert all({"tokens_per_sec", "mfu", "elapsed_s"} <= r.keys() for r in timed[1:])
     assert [("val_loss" in r) for r in records] == [True, False, True, False, True]
     assert records[0]["lr"] == 0.0 and records[-1]["lr"] == pytest.approx(1e-4)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
@@ -73,9 +76,9 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, capsys):
     for step in (10, 20):  # step 10 was saved mid-run while later steps donated the state
         a, b = _params(straight.out_dir, step), _params(tiny_config.out_dir, step)
         jax.tree.map(np.testing.assert_array_equal, a, b)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_sec", "mfu")}
-                        for r in rs]
-    assert strip(_records(tmp_path / "straight")) == strip(_records(tmp_path / "stopped"))
+    metrics_file = "metrics.jsonl"  # the records, byte for byte (wall-clock figures aside)
+    assert (tmp_path / "stopped" / metrics_file).read_bytes() == (
+        tmp_path / "straight" / metrics_file).read_bytes()
 
 
 def test_save_restore_gives_identical_params_and_next_step(tiny_config, tmp_path):
@@ -167,3 +170,49 @@ def test_auto_dtype_is_float32_on_cpu_and_saved_resolved(tiny_config):
     saved = checkpoint.read_metadata(checkpoint.open_for_reading(tiny_config.out_dir), 1)[0]
     assert saved["model"]["dtype"] == "float32"
     assert tiny_config.model.dtype == "auto"  # the caller's config is not changed
+
+
+def test_same_config_and_seed_give_an_identical_metrics_file(tiny_config, tmp_path):
+    tiny_config.model.dropout = 0.1
+    for name in ("a", "b"):
+        tiny_config.out_dir = str(tmp_path / name)
+        trainer.run(tiny_config)
+    a, b = ((tmp_path / n / "metrics.jsonl").read_bytes() for n in "ab")
+    assert a == b and len(a.splitlines()) == 5  # steps 0, 5, 10, 15, 20
+
+
+def _tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Returns {tag: [(step, value), ...]} read from TensorBoard event files (TFRecords)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+        payload = path.read_bytes()
+        offset = 0
+        while offset < len(payload):
+            (length,) = struct.unpack("<Q", payload[offset:offset + 8])
+            event = event_pb2.Event.FromString(payload[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_stability_signals_and_tensorboard(tiny_config):
+    tiny_config.grad_clip = 1e-3  # every step clips
+    trainer.run(tiny_config)
+    records = metrics_lib.read_records(tiny_config.out_dir)
+    last = records[-1]
+    assert last["clip_fraction"] == 1.0
+    for kind in ("grad_norm", "param_norm", "update_norm"):
+        layers = {k.split("/")[1] for k in last if k.startswith(kind + "/")}
+        assert layers == {"wte", "wpe", "h_0", "ln_f"}
+        per_layer = np.sqrt(sum(last[f"{kind}/{layer}"] ** 2 for layer in layers))
+        assert per_layer == pytest.approx(last[kind], rel=1e-5)  # the layers make up the total
+    assert last["tokens_per_sec"] > 0 and "tokens_per_sec" not in _records(
+        Path(tiny_config.out_dir))[-1]  # wall-clock figures live in timing.jsonl
+    scalars = _tensorboard_scalars(Path(tiny_config.out_dir) / "tensorboard")
+    assert [step for step, _ in scalars["train_loss"]] == [0, 5, 10, 15, 20]
+    assert scalars["val_loss"][-1][1] == pytest.approx(last["val_loss"], rel=1e-6)
