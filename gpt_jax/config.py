@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Micro-batches per optimizer step (accumulated inside the compiled step); each has
     # batch_size / grad_accum_steps sequences.
     c.grad_accum_steps = 1
+    # Train this many seeds (seed, seed + 1, ...) at once on one device, through jax.vmap in
+    # one compiled step; each is a run of its own in out_dir/seed_<seed>/. For small models.
+    c.vmap_seeds = 1
     # Start from pretrained weights: "" (GPT-2 init), or "hf:DIR" / "hf:gpt2" (a Hugging Face
     # GPT-2 model; it sets the model's shape, and block_size may crop its context). Only a run
     # without checkpoints reads it: a resume continues from out_dir.
@@ -77,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_POSITIVE = ("batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_iters",
+_POSITIVE = ("batch_size", "grad_accum_steps", "vmap_seeds", "max_steps", "eval_interval", "eval_iters",
              "log_interval", "checkpoint_interval", "keep_checkpoints")
 
 

@@ -276,7 +276,12 @@ def log(message: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    """Trains (or resumes) the run that `config` describes; returns the last eval record."""
+    """Trains (or resumes) the run that `config` describes; returns the last eval record.
+
+    With vmap_seeds = K > 1, K seeds (seed, seed + 1, ...) train at once through jax.vmap
+    over their states, batches and dropout keys, in one compiled step; each seed is a run
+    of its own in OUT_DIR/seed_<seed>/ (checkpoints, metrics, resumable alone).
+    """
     jax.config.update("jax_threefry_partitionable", True)
     config_lib.validate(config)
     _check_out_dir(config.out_dir)
@@ -284,16 +289,21 @@ def run(config: ml_collections.ConfigDict) -> dict:
     config.model.dtype = config_lib.compute_dtype(config.model.dtype, jax.default_backend())
     _enable_compile_cache(config)
     dataset = data.load_dataset(config.data)
+    lanes = _lane_configs(config)
     # Checkpoints are opened once the inputs are known to be good, so that a bad run never
     # creates (or touches) out_dir.
-    start, saved = None, None
-    if checkpoint.has_checkpoint(config.out_dir):
-        start, saved = _latest_readable_metadata(checkpoint.open_for_reading(config.out_dir))
+    saved = [_latest_readable_metadata(checkpoint.open_for_reading(c.out_dir))
+             if checkpoint.has_checkpoint(c.out_dir) else (None, None) for c in lanes]
     pretrained = None
     if config.init_from:
-        config, pretrained = _resolve_init_from(config, saved, dataset)
-    if saved is not None:
-        _check_compatible(config, saved, dataset.tokenizer.to_json())
+        config, pretrained = _resolve_init_from(config, saved[0][1], dataset)
+        lanes = [config]
+    for _, meta in saved:
+        if meta is not None:
+            _check_compatible(config, meta, dataset.tokenizer.to_json())
+    if len({step is None for step, _ in saved}) > 1:
+        raise UserError(f"{config.out_dir} has checkpoints for some seeds only: resume each "
+                        "seed_<N> alone with vmap_seeds=1, or use a new out_dir")
     model_cfg = model_config(config, dataset.tokenizer.vocab_size)
     dataset.check_fits(model_cfg.block_size)
     log(f"data: {dataset.directory} ({len(dataset.train):,} train / {len(dataset.val):,} val "
@@ -302,62 +312,79 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
-    manager = checkpoint.make_manager(config.out_dir, keep=config.keep_checkpoints)
+    K = len(lanes)
+    if K > 1 and mesh.size > 1:
+        raise UserError(f"vmap_seeds={K} trains the seeds on one device; this run has "
+                        f"{mesh.size}: use --config.vmap_seeds=1, or one device")
+    managers = [checkpoint.make_manager(c.out_dir, keep=c.keep_checkpoints) for c in lanes]
     model = GPT(model_cfg)
     tx = optim.make_optimizer(config)
     schedule = optim.lr_schedule(config)
     tokenizer_table = dataset.tokenizer.to_json()
 
-    init = functools.partial(init_train_state, model_cfg, tx, config.seed)
-    state_shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
-    if start is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(init), state_shardings)
-        start, state = _restore_latest_good(manager, abstract)
-    if start is not None:
-        log(f"resuming from step {start}")
-    elif pretrained is not None:
-        state = jax.device_put(init(params=pretrained), state_shardings)
-    else:  # born sharded: each device only ever holds its shards
-        state = jax.jit(init, out_shardings=state_shardings)()
+    start, state, state_shardings = _initial_state(
+        model_cfg, tx, lanes, managers, mesh, saved[0][0] is not None, pretrained)
     log(sharding.memory_report(state, mesh))
     start = int(start or 0)
     if start >= config.max_steps:
         log(f"step {start} already reached max_steps={config.max_steps}: nothing to do "
             "(raise --config.max_steps to train further)")
-        manager.close()
+        for manager in managers:
+            manager.close()
         return {"step": start}
 
-    writer = metrics.MetricsWriter(config.out_dir, resume_step=start,
-                                   enabled=jax.process_index() == 0,
-                                   wandb_project=config.wandb_project,
-                                   run_config=config.to_dict())
-    step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings,
-                              config.grad_clip)
+    writers = [metrics.MetricsWriter(c.out_dir, resume_step=start,
+                                     enabled=jax.process_index() == 0,
+                                     wandb_project=config.wandb_project,
+                                     run_config=c.to_dict()) for c in lanes]
+    if K == 1:
+        step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings,
+                                  config.grad_clip)
+        fold = jax.random.fold_in
+    else:
+        step_fn = jax.jit(jax.vmap(functools.partial(
+            train_step, model=model, tx=tx, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
+            grad_clip=config.grad_clip)), donate_argnums=0)
+        fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
     eval_step = make_eval_step(model, mesh)
     tokens_per_step = config.batch_size * model_cfg.block_size
 
+    def batch_at(step):
+        if K == 1:
+            return train_batch(dataset, config, step, mesh)
+        batches = [train_batch(dataset, c, step) for c in lanes]
+        return tuple(np.stack(parts) for parts in zip(*batches, strict=True))
+
+    def lane(tree, k):
+        return tree if K == 1 else jax.tree.map(lambda x: x[k], tree)
+
     def save(step):
-        _check_finite(state, config)  # never save after a non-finite step unless skipping
-        checkpoint.save(manager, step, state, config.to_dict(), tokenizer_table)
+        for k, (c, manager) in enumerate(zip(lanes, managers, strict=True)):
+            _check_finite(lane(state, k), c)  # never save after a non-finite step
+            checkpoint.save(manager, step, lane(state, k), c.to_dict(), tokenizer_table)
 
     t0 = time.perf_counter()
     with _CacheHits() as hits:
-        compiled = step_fn.lower(state, train_batch(dataset, config, start, mesh),
-                                 state.rng).compile()
+        compiled = step_fn.lower(state, batch_at(start), fold(state.rng, start)).compile()
     log(f"train step compiled in {time.perf_counter() - t0:.2f} s"
-        + (" (from the persistent compilation cache)" if hits.count else ""))
+        + (" (from the persistent compilation cache)" if hits.count else "")
+        + (f", {K} seeds in one step (vmap)" if K > 1 else ""))
     flops_per_token = metrics.flops_per_token(
         count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
         model_cfg.block_size)
     peak, peak_source = metrics.peak_flops_per_device()
     peak *= jax.device_count()
-    log(_flops_report(flops_per_token * tokens_per_step, metrics.xla_flops(compiled),
+    log(_flops_report(K * flops_per_token * tokens_per_step, metrics.xla_flops(compiled),
                       peak, peak_source))
 
-    def evaluate(step: int) -> dict:
-        losses = estimate_loss(eval_step, state.params, dataset, config, step, mesh)
+    def evaluate(step: int, k: int) -> dict:
+        losses = estimate_loss(eval_step, lane(state.params, k), dataset, lanes[k], step, mesh)
         return {"eval_train_loss": losses["train"], "val_loss": losses["val"]}
+
+    def emit(k: int, record: dict) -> None:
+        writers[k].write(record)
+        line = metrics.format_record(record)
+        (bar.write if bar_on else log)(line if K == 1 else f"seed {lanes[k].seed} | {line}")
 
     last_eval = {}
     step = start
@@ -365,27 +392,28 @@ def run(config: ml_collections.ConfigDict) -> dict:
     bar_on = config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
     bar = tqdm.tqdm(total=config.max_steps, initial=start, unit="step", disable=not bar_on,
                     dynamic_ncols=True)
-    t_run, elapsed_before = time.perf_counter(), _elapsed_before(config.out_dir, start)
+    t_run = time.perf_counter()
+    elapsed_before = [_elapsed_before(c.out_dir, start) for c in lanes]
     try:
         with _StopRequests() as stop:
             if start == 0:
-                last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0)}
-                writer.write(dict(last_eval, train_loss=last_eval["eval_train_loss"]))
-                log(metrics.format_record(last_eval))
+                for k in range(K):
+                    last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0, k)}
+                    emit(k, dict(last_eval, train_loss=last_eval["eval_train_loss"]))
             t_last, steps_since_log = time.perf_counter(), 0
-            clipped_at_log = int(state.clipped_steps)
+            clipped_at_log = np.asarray(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:
                     if step > start:
                         save(step)
-                    manager.wait_until_finished()
+                    for manager in managers:
+                        manager.wait_until_finished()
                     raise TrainingStopped(
                         f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
                         f"checkpoint saved in {checkpoint.checkpoint_dir(config.out_dir)}: run "
                         "the same command to resume", 128 + stop.signum)
 
-                batch = train_batch(dataset, config, step, mesh)
-                state, step_metrics = compiled(state, batch, jax.random.fold_in(state.rng, step))
+                state, step_metrics = compiled(state, batch_at(step), fold(state.rng, step))
                 step += 1
                 steps_since_log += 1
 
@@ -393,28 +421,84 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 is_eval = step % config.eval_interval == 0 or is_last
                 if step % config.log_interval == 0 or is_eval:
                     now = time.perf_counter()
-                    record = _step_record(step, step_metrics, state, config, schedule,
-                                          clipped_at_log, steps_since_log)
-                    record.update(_timing(now - t_last, now - t_run + elapsed_before,
-                                          steps_since_log, tokens_per_step, flops_per_token,
-                                          peak))
-                    clipped_at_log = int(state.clipped_steps)
-                    if is_eval:
-                        last_eval = {"step": step, "lr": record["lr"], **evaluate(step)}
-                        record.update(last_eval)
-                    writer.write(record)
-                    (bar.write if bar_on else log)(metrics.format_record(record))
+                    for k in range(K):
+                        record = _step_record(step, lane(step_metrics, k), lane(state, k),
+                                              lanes[k], schedule,
+                                              int(lane(clipped_at_log, k)), steps_since_log)
+                        record.update(_timing(now - t_last, now - t_run + elapsed_before[k],
+                                              steps_since_log, tokens_per_step,
+                                              flops_per_token, peak / K))
+                        if is_eval:
+                            last_eval = {"step": step, "lr": record["lr"], **evaluate(step, k)}
+                            record.update(last_eval)
+                        emit(k, record)
                     bar.set_postfix(loss=f"{record['train_loss']:.4f}", refresh=False)
+                    clipped_at_log = np.asarray(state.clipped_steps)
                     t_last, steps_since_log = time.perf_counter(), 0
                 bar.update(1)
                 if step % config.checkpoint_interval == 0 or is_last:
                     save(step)
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        for manager, writer in zip(managers, writers, strict=True):
+            manager.wait_until_finished()
+            manager.close()
+            writer.close()
     return last_eval
+
+
+def _lane_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """Returns the config of each seed a run trains: itself, or vmap_seeds copies in
+    OUT_DIR/seed_<seed>/, each an ordinary single-seed run."""
+    if config.vmap_seeds == 1:
+        return [config]
+    if config.init_from:
+        raise UserError("vmap_seeds > 1 cannot start from init_from weights (every seed would "
+                        "be the same model): use vmap_seeds=1")
+    lanes = []
+    for i in range(config.vmap_seeds):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.seed, c.vmap_seeds = config.seed + i, 1
+        c.out_dir = str(Path(config.out_dir) / f"seed_{c.seed}")
+        lanes.append(c)
+    return lanes
+
+
+def _initial_state(model_cfg, tx, lanes, managers, mesh, resume: bool, pretrained):
+    """Returns (start step or None, state, its shardings): restored, imported or fresh.
+
+    Several lanes (vmap_seeds) are stacked along a leading axis and restored at the newest
+    step they all have.
+    """
+    if len(lanes) == 1:
+        init = functools.partial(init_train_state, model_cfg, tx, lanes[0].seed)
+        shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
+        if resume:
+            abstract = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                jax.eval_shape(init), shardings)
+            start, state = _restore_latest_good(managers[0], abstract)
+            if start is not None:
+                log(f"resuming from step {start}")
+                return start, state, shardings
+        if pretrained is not None:
+            return None, jax.device_put(init(params=pretrained), shardings), shardings
+        return None, jax.jit(init, out_shardings=shardings)(), shardings  # born sharded
+    seeds = jnp.array([c.seed for c in lanes])
+    init = jax.vmap(lambda seed: init_train_state(model_cfg, tx, seed))
+    if not resume:
+        return None, jax.jit(init)(seeds), None
+    start = min(m.latest_step() for m in managers)
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, tx, 0))
+    states = []
+    for c, manager in zip(lanes, managers, strict=True):
+        try:
+            states.append(checkpoint.restore_state(manager, start, abstract))
+        except checkpoint.DamagedCheckpoint as err:
+            raise UserError(f"{c.out_dir} step {start} could not be restored ({err}): resume "
+                            "that seed alone with vmap_seeds=1") from None
+    log(f"resuming {len(lanes)} seeds from step {start}")
+    return start, jax.tree.map(lambda *xs: jnp.stack(xs), *states), None
 
 
 def _step_record(step: int, step_metrics: dict, state: TrainState, config, schedule,

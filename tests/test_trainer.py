@@ -216,3 +216,29 @@ def test_stability_signals_and_tensorboard(tiny_config):
     scalars = _tensorboard_scalars(Path(tiny_config.out_dir) / "tensorboard")
     assert [step for step, _ in scalars["train_loss"]] == [0, 5, 10, 15, 20]
     assert scalars["val_loss"][-1][1] == pytest.approx(last["val_loss"], rel=1e-6)
+
+
+def test_vmap_seeds_train_like_separate_runs_and_resume(tiny_config, tmp_path):
+    tiny_config.model.dropout = 0.1
+    separate = {}
+    for seed in (1337, 1338):
+        c = tiny_config.copy_and_resolve_references()
+        c.seed, c.out_dir = seed, str(tmp_path / f"alone_{seed}")
+        trainer.run(c)
+        separate[seed] = _records(Path(c.out_dir))
+    tiny_config.vmap_seeds, tiny_config.out_dir = 2, str(tmp_path / "vmap")
+    tiny_config.max_steps = 10
+    trainer.run(tiny_config)
+    tiny_config.max_steps = 20  # and resume the pair from step 10
+    trainer.run(tiny_config)
+    for seed in (1337, 1338):
+        lane = _records(tmp_path / "vmap" / f"seed_{seed}")
+        assert [r["step"] for r in lane] == [r["step"] for r in separate[seed]]
+        for a, b in zip(lane, separate[seed], strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+            assert a.get("val_loss") == pytest.approx(b.get("val_loss"), abs=1e-5)
+        step, _, params, _ = checkpoint.load_model(tmp_path / "vmap" / f"seed_{seed}")
+        alone = _params(tmp_path / f"alone_{seed}", 20)
+        assert step == 20
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), params, alone)
+    assert separate[1337][-1]["train_loss"] != separate[1338][-1]["train_loss"]
