@@ -112,6 +112,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="an override for every run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per variant: seed, seed+1, ...")
+    p.add_argument("--vmap_seeds", action="store_true",
+                   help="train a variant's seeds at once in one compiled step (jax.vmap)")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--dry_run", action="store_true", help="list the runs and stop")
     args = p.parse_args(argv)
@@ -120,36 +122,46 @@ def main(argv: list[str]) -> None:
             raise UserError(f"--seeds must be at least 1, got {args.seeds}")
         base = load_config(args.config)
         common = [parse_override(t) for t in args.set]
-        runs = []
+        runs = []  # (overrides, config of the process, configs of its seeds)
         for overrides in plan(args.grid, args.variant):
+            seeds = []
             for i in range(args.seeds):
                 config = ml_collections.ConfigDict(base.to_dict())
                 for field, value in common + overrides:
                     apply_override(config, field, value)
                 config.seed += i
-                out_dir = Path(args.out) / variant_name(overrides) / f"seed_{config.seed}"
-                config.out_dir = str(out_dir)
+                config.out_dir = str(Path(args.out) / variant_name(overrides) /
+                                     f"seed_{config.seed}")
                 config_lib.validate(config)
-                runs.append((overrides, config))
+                seeds.append(config)
+            if args.vmap_seeds:
+                joint = ml_collections.ConfigDict(seeds[0].to_dict())
+                joint.vmap_seeds, joint.out_dir = args.seeds, str(Path(seeds[0].out_dir).parent)
+                runs.append((overrides, joint, seeds))
+            else:
+                runs.extend((overrides, c, [c]) for c in seeds)
     except UserError as err:
         exit_with(err)
-    print(f"sweep: {len(runs)} runs ({len(runs) // args.seeds} variants x {args.seeds} seeds) "
-          f"into {args.out}", flush=True)
+    n_runs = sum(len(seeds) for _, _, seeds in runs)
+    print(f"sweep: {n_runs} runs ({n_runs // args.seeds} variants x {args.seeds} seeds"
+          f"{', seeds in one vmapped step' if args.vmap_seeds else ''}) into {args.out}",
+          flush=True)
     t_start = time.perf_counter()
-    for n, (overrides, config) in enumerate(runs, 1):
-        out_dir = Path(config.out_dir)
-        label = f"[{n}/{len(runs)}] {variant_name(overrides)} seed {config.seed}"
-        if is_finished(out_dir, config.max_steps):
+    for n, (overrides, config, seeds) in enumerate(runs, 1):
+        label = (f"[{n}/{len(runs)}] {variant_name(overrides)} seed "
+                 f"{'+'.join(str(c.seed) for c in seeds)}")
+        if all(is_finished(Path(c.out_dir), c.max_steps) for c in seeds):
             print(f"{label}: finished before, skipped", flush=True)
             continue
         if args.dry_run:
-            print(f"{label}: would run in {out_dir}", flush=True)
+            print(f"{label}: would run in {config.out_dir}", flush=True)
             continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        for c in seeds:
+            Path(c.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(c.out_dir) / "config.json").write_text(json.dumps(c.to_dict(), indent=1) + "\n")
         flags = [f"--config.{k}={v}" for k, v in _flatten(config.to_dict()).items()]
         t0 = time.perf_counter()
-        log = out_dir / "train.log"
+        log = Path(config.out_dir) / "train.log"
         with open(log, "a") as f:
             result = subprocess.run([sys.executable, str(REPO / "train.py"), "--config",
                                      args.config, *flags], stdout=f, stderr=subprocess.STDOUT,

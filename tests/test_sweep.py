@@ -36,10 +36,11 @@ def test_overrides_are_typed_and_checked():
 def test_sweep_runs_skips_finished_and_reports(tmp_path):
     out = tmp_path / "sweep"
     args = ["-m", "gpt_jax.sweep", "--config", "configs/shakespeare_cpu.py", *TINY,
-            "--variant=", "--variant=model.tie_embeddings=False", "--seeds", "2", "--out", out]
+            "--variant=", "--variant=model.tie_embeddings=False", "--seeds", "2", "--out", out,
+            "--vmap_seeds"]
     first = run_cli(*args, timeout=600)
     assert first.returncode == 0, first.stderr + first.stdout
-    assert "sweep: 4 runs (2 variants x 2 seeds)" in first.stdout
+    assert "sweep: 4 runs (2 variants x 2 seeds, seeds in one vmapped step)" in first.stdout
     runs = sorted(p.relative_to(out).as_posix() for p in out.glob("*/seed_*"))
     assert runs == ["baseline/seed_1337", "baseline/seed_1338",
                     "tie_embeddings=False/seed_1337", "tie_embeddings=False/seed_1338"]
@@ -47,7 +48,7 @@ def test_sweep_runs_skips_finished_and_reports(tmp_path):
     assert saved["model"]["tie_embeddings"] is False and saved["seed"] == 1338
 
     again = run_cli(*args, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 4
+    assert again.returncode == 0 and again.stdout.count("finished before, skipped") == 2
 
     report = run_cli("-m", "gpt_jax.report", *sorted(out.glob("*/seed_*")), "--out",
                      out / "report")
