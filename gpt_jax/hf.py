@@ -224,6 +224,11 @@ def export_blockers(config: GPTConfig) -> list[str]:
                        "table)")
     if not config.tie_embeddings:
         reasons.append("tie_embeddings=False (GPT-2's head is tied to the token embedding)")
+    if config.norm_position != "pre":
+        reasons.append(f"norm_position={config.norm_position!r} (GPT-2 normalises before each "
+                       "sublayer)")
+    if config.activation != "gelu":
+        reasons.append(f"activation={config.activation!r} (GPT-2's MLP uses tanh-GELU)")
     return reasons
 
 

@@ -10,7 +10,9 @@ import numpy as np
 
 from gpt_jax.errors import UserError
 
-POS_ENCODINGS = ("learned", "sinusoidal")
+POS_ENCODINGS = ("learned", "sinusoidal", "none")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in every Dense and LayerNorm (GPT-2: True)
     qkv_bias: bool = True  # bias on the fused qkv projection (only when `bias`)
-    pos_encoding: str = "learned"  # learned | sinusoidal
+    pos_encoding: str = "learned"  # learned | sinusoidal | none (causal attention alone)
+    norm_position: str = "pre"  # pre: x + f(ln(x)) (GPT-2); post: ln(x + f(x)) (Transformer)
+    activation: str = "gelu"  # MLP nonlinearity: gelu (tanh approximation, GPT-2) | relu
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
@@ -42,10 +46,11 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise UserError(
-                f"model.pos_encoding={self.pos_encoding!r} is unknown: use one of {POS_ENCODINGS}"
-            )
+        for name, allowed in (("pos_encoding", POS_ENCODINGS),
+                              ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
+                                f"{', '.join(allowed)}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -99,8 +104,9 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and a causal mask.
 
     In decode mode the keys and values of every position seen so far live in the `cache`
-    collection, (B, block_size, H, K) each: the new ones are written at `positions_BT` and the
-    queries attend to every cached position up to their own.
+    collection, (B, H, block_size, K) each (heads before positions: XLA:CPU then reads them
+    without a transposed copy): the new ones are written at `positions_BT` and each query
+    attends to the cached positions up to its own.
     """
 
     config: GPTConfig
@@ -116,30 +122,30 @@ class CausalSelfAttention(nn.Module):
             a.reshape(B, T, H, D // H) for a in jnp.split(qkv_BT3D, 3, axis=-1)
         )
         if positions_BT is None:
-            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+            keys, values, kv = k_BTHK, v_BTHK, "bshk"
             visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S): S is T
         else:
-            k_BSHK, v_BSHK = self._cached(k_BTHK, v_BTHK, positions_BT)
-            S = cfg.block_size
+            keys, values = self._cached(k_BTHK, v_BTHK, positions_BT)
+            kv, S = "bhsk", cfg.block_size
             visible = (jnp.arange(S) <= positions_BT[:, :, None])[:, None]  # (B, 1, T, S)
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / math.sqrt(D // H)
+        scores_BHTS = jnp.einsum(f"bthk,{kv}->bhts", q_BTHK, keys) / math.sqrt(D // H)
         scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
         probs_BHTS = nn.Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
-        y_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK)
+        y_BTHK = jnp.einsum(f"bhts,{kv}->bthk", probs_BHTS, values)
         y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
     def _cached(self, k_BTHK, v_BTHK, positions_BT):
-        """Writes the new keys and values at their positions; returns the whole cache."""
-        B, T, H, K = k_BTHK.shape
-        shape = (B, self.config.block_size, H, K)
+        """Writes the new keys and values at their positions; returns the whole (B, H, S, K) cache."""
+        B, _, H, K = k_BTHK.shape
+        shape = (B, H, self.config.block_size, K)
         cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k_BTHK.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v_BTHK.dtype)
-        rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        at = (jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None], positions_BT[:, None, :])
         # Positions past block_size (padding beyond a full window) are dropped, not clamped.
-        cached_k.value = cached_k.value.at[rows_BT, positions_BT].set(k_BTHK, mode="drop")
-        cached_v.value = cached_v.value.at[rows_BT, positions_BT].set(v_BTHK, mode="drop")
+        cached_k.value = cached_k.value.at[at].set(k_BTHK.transpose(0, 2, 1, 3), mode="drop")
+        cached_v.value = cached_v.value.at[at].set(v_BTHK.transpose(0, 2, 1, 3), mode="drop")
         return cached_k.value, cached_v.value
 
 
@@ -152,13 +158,17 @@ class MLP(nn.Module):
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         h_BTF = _on_rows(_dense(cfg, 4 * cfg.n_embd, "c_fc"), x_BTD)
-        h_BTF = nn.gelu(h_BTF, approximate=True)
+        if cfg.activation == "gelu":
+            h_BTF = nn.gelu(h_BTF, approximate=True)
+        else:
+            h_BTF = nn.relu(h_BTF)
         y_BTD = _on_rows(_dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg)), h_BTF)
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 
 class Block(nn.Module):
-    """One pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """One transformer block. Pre-LayerNorm (GPT-2): x + attn(ln(x)), then x + mlp(ln(x)).
+    Post-LayerNorm ("Add & Norm", the original Transformer): ln(x + attn(x)), ln(x + mlp(x))."""
 
     config: GPTConfig
 
@@ -166,10 +176,16 @@ class Block(nn.Module):
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
                  positions_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        h_BTD = _layer_norm(cfg, "ln_1")(x_BTD).astype(cfg.compute_dtype)
-        x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(h_BTD, deterministic, positions_BT)
-        h_BTD = _layer_norm(cfg, "ln_2")(x_BTD).astype(cfg.compute_dtype)
-        return x_BTD + MLP(cfg, name="mlp")(h_BTD, deterministic)
+        attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
+        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        if cfg.norm_position == "post":
+            x_BTD = ln_1(x_BTD + attn(x_BTD.astype(cfg.compute_dtype), deterministic,
+                                      positions_BT))
+            return ln_2(x_BTD + mlp(x_BTD.astype(cfg.compute_dtype), deterministic))
+        h_BTD = ln_1(x_BTD).astype(cfg.compute_dtype)
+        x_BTD = x_BTD + attn(h_BTD, deterministic, positions_BT)
+        h_BTD = ln_2(x_BTD).astype(cfg.compute_dtype)
+        return x_BTD + mlp(h_BTD, deterministic)
 
 
 class GPT(nn.Module):
@@ -199,8 +215,10 @@ class GPT(nn.Module):
         x_BTD = wte(idx_BT)
         if cfg.pos_encoding == "learned":
             wpe_SD = self.param("wpe", nn.initializers.normal(0.02), (cfg.block_size, cfg.n_embd))
-        else:
+        elif cfg.pos_encoding == "sinusoidal":
             wpe_SD = sinusoidal_positions(cfg.block_size, cfg.n_embd)
+        else:  # no position signal: the causal mask alone tells positions apart
+            wpe_SD = jnp.zeros((cfg.block_size, cfg.n_embd), jnp.float32)
         positions_BT = None
         if decode:
             index = self.variable("cache", "index", jnp.zeros, (B,), jnp.int32)

@@ -651,7 +651,7 @@ def _resolve_init_from(config: ml_collections.ConfigDict, saved, dataset):
 
 
 HF_SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias",
-                   "pos_encoding", "tie_embeddings")
+                   "pos_encoding", "tie_embeddings", "norm_position", "activation")
 
 
 def _check_compatible(config: ml_collections.ConfigDict, saved: tuple[dict, dict],

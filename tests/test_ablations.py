@@ -1,0 +1,83 @@
+"""Each ablation switch changes the computation the way its name says (defaults stay GPT-2)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import hf
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT, MLP, Block, GPTConfig, init_params
+
+TINY = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def _logits(cfg, idx):
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    return np.asarray(GPT(cfg).apply({"params": params}, idx)), params
+
+
+def test_defaults_are_gpt2():
+    assert (TINY.pos_encoding, TINY.norm_position, TINY.activation, TINY.tie_embeddings,
+            TINY.qkv_bias, TINY.dropout) == ("learned", "pre", "gelu", True, True, 0.0)
+
+
+@pytest.mark.parametrize("pos_encoding, position_blind", [
+    ("learned", False), ("sinusoidal", False), ("none", True)])
+def test_pos_encoding_none_leaves_only_the_causal_mask(pos_encoding, position_blind):
+    cfg = dataclasses.replace(TINY, pos_encoding=pos_encoding)
+    logits, params = _logits(cfg, jnp.full((1, 8), 7, jnp.int32))
+    # The same token at every position: without a position signal every position attends to
+    # identical keys and values, so every position predicts the same thing.
+    same = np.allclose(logits[0], logits[0, :1], atol=1e-5)
+    assert same == position_blind
+    assert ("wpe" in params) == (pos_encoding == "learned")
+
+
+def test_post_norm_normalises_each_block_output_and_pre_norm_does_not():
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 32)) * 3.0 + 1.0
+    for position, normalised in (("pre", False), ("post", True)):
+        block = Block(dataclasses.replace(TINY, norm_position=position))
+        params = block.init(jax.random.PRNGKey(0), x)
+        y = np.asarray(block.apply(params, x))
+        rows_normalised = np.allclose(y.mean(-1), 0, atol=1e-4) and np.allclose(
+            y.std(-1), 1, atol=1e-2)
+        assert rows_normalised == normalised, position
+    # Post-norm is ln_2(h + mlp(h)) with h = ln_1(x + attn(x)), the same parameters as pre-norm.
+    post = Block(dataclasses.replace(TINY, norm_position="post"))
+    assert jax.tree.structure(post.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_activation_switch_is_the_mlp_nonlinearity(activation):
+    cfg = dataclasses.replace(TINY, activation=activation)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 32))
+    mlp = MLP(cfg)
+    params = mlp.init(jax.random.PRNGKey(0), x)["params"]
+    h = np.asarray(x) @ np.asarray(params["c_fc"]["kernel"]) + np.asarray(params["c_fc"]["bias"])
+    if activation == "relu":
+        h = np.maximum(h, 0)
+    else:  # GPT-2's tanh approximation
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    expected = h @ np.asarray(params["c_proj"]["kernel"]) + np.asarray(params["c_proj"]["bias"])
+    np.testing.assert_allclose(np.asarray(mlp.apply({"params": params}, x)), expected, atol=1e-5)
+
+
+def test_untied_head_has_its_own_matrix():
+    cfg = dataclasses.replace(TINY, tie_embeddings=False)
+    idx = jnp.arange(8)[None] % 32
+    logits, params = _logits(cfg, idx)
+    assert params["lm_head"]["kernel"].shape == (32, 32)
+    tied_logits, _ = _logits(TINY, idx)
+    assert not np.allclose(logits, tied_logits)
+
+
+def test_unknown_switch_values_and_export_refusals():
+    with pytest.raises(UserError, match="model.norm_position='middle' is unknown"):
+        dataclasses.replace(TINY, norm_position="middle")
+    with pytest.raises(UserError, match="model.activation='swish' is unknown"):
+        dataclasses.replace(TINY, activation="swish")
+    odd = dataclasses.replace(TINY, norm_position="post", activation="relu")
+    assert [r.split("=")[0] for r in hf.export_blockers(odd)] == ["norm_position", "activation"]
