@@ -3,8 +3,15 @@
 Prints compile seconds and steady-state ms/step, then a last line
 `tokens_per_sec=N ms_per_step=N`. No data is prepared and nothing is written: batches are
 random tokens over --vocab_size (65: tiny-shakespeare's characters).
+
+--mode sample times generation instead (python bench.py --config configs/shakespeare.py
+--mode sample): the config's model with random parameters, a random prompt, --new_tokens new
+tokens at batch 1 and 8, with the KV cache and by full recompute (a whole block_size window
+per token, the reference sampler), side by side. It prints compile seconds, first-token latency
+(prefill and first token) and tokens/s, then a last line `speedup_batch1=N.Nx`.
 """
 
+import math
 import sys
 import time
 
@@ -12,9 +19,16 @@ from absl import flags
 
 from gpt_jax.errors import UserError, exit_with
 
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to time.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after compiling.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary of the random batches.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 500, "--mode sample: tokens generated.")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "--mode sample: prompt length.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "--mode sample: batch sizes.")
+_BASELINE_TOKENS = flags.DEFINE_integer(
+    "baseline_tokens", 0, "--mode sample: tokens timed by full recompute (0: new_tokens / batch; "
+    "each of its steps costs the same, so tokens/s carries over)")
 
 
 def main(argv):
@@ -24,9 +38,20 @@ def main(argv):
         config = cli.parse_config(argv)
         if _STEPS.value < 1 or _WARMUP.value < 0:
             raise UserError("--steps must be >= 1 and --warmup >= 0")
+        batch_sizes = [int(b) for b in _BATCH_SIZES.value if b.isdigit()]
+        if _MODE.value == "sample" and (_NEW_TOKENS.value < 1 or _PROMPT_TOKENS.value < 1 or
+                                        len(batch_sizes) < len(_BATCH_SIZES.value) or
+                                        min(batch_sizes, default=0) < 1):
+            raise UserError("--new_tokens, --prompt_tokens and --batch_sizes must be >= 1")
     except UserError as err:
         exit_with(err)
+    if _MODE.value == "sample":
+        bench_sample(config, batch_sizes)
+    else:
+        bench_train(config)
 
+
+def bench_train(config):
     import jax
     import numpy as np
 
@@ -63,6 +88,74 @@ def main(argv):
     print(f"steady state over {_STEPS.value} steps: {ms:.2f} ms/step, "
           f"{tokens_per_step / ms * 1000:,.0f} tokens/s ({tokens_per_step} tokens/step)")
     print(f"tokens_per_sec={tokens_per_step / ms * 1000:.0f} ms_per_step={ms:.2f}")
+
+
+def bench_sample(config, batch_sizes: list[int]) -> None:
+    import jax
+
+    from gpt_jax import trainer
+    from gpt_jax.model import count_params, init_params
+
+    cfg = trainer.model_config(config, _VOCAB.value)
+    params = init_params(cfg, jax.random.PRNGKey(config.seed))
+    print(f"backend: {jax.default_backend()} ({jax.device_count()} device(s))")
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block_size "
+          f"{cfg.block_size}, vocab {cfg.vocab_size}: {count_params(cfg)['total']:,} parameters "
+          "(random init)")
+    print(f"sampling: prompt {_PROMPT_TOKENS.value} tokens, {_NEW_TOKENS.value} new tokens, "
+          f"temperature 0.8, top_k 200; past block_size the window slides to its last "
+          f"{cfg.block_size // 2} tokens")
+    print("recompute: the whole block_size window goes through the model for every token (the "
+          "reference sampler, one compiled step)")
+    speedups = {batch: _bench_batch(params, cfg, batch) for batch in batch_sizes}
+    if 1 in speedups:
+        print(f"speedup_batch1={speedups[1]:.1f}x")
+
+
+def _bench_batch(params, cfg, batch: int) -> float:
+    """Times one batch size with the KV cache and by full recompute; returns the speedup."""
+    import numpy as np
+
+    from gpt_jax import sampling
+
+    n = _NEW_TOKENS.value
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(0, cfg.vocab_size, (batch, _PROMPT_TOKENS.value)).tolist()
+    options = {"temperature": 0.8, "top_k": 200, "seed": 0}
+
+    def run(tokens, **kwargs):
+        return sampling.generate(params, cfg, prompts, max_new_tokens=tokens, **options, **kwargs)
+
+    def first_token():  # the prefill and the first sampled token, as --stream shows it
+        return next(sampling.stream(params, cfg, prompts, max_new_tokens=n, **options))
+
+    with sampling.compile_watch() as compiling:
+        run(n)
+        first_token()
+    first_s = _seconds(first_token)
+    cached = batch * n / _seconds(lambda: run(n))
+    _report(batch, "kv cache", compiling.seconds, first_s, cached, "")
+
+    k = _BASELINE_TOKENS.value or max(1, math.ceil(n / batch))
+    with sampling.compile_watch() as compiling:
+        run(1, use_cache=False)
+    first_s = _seconds(lambda: run(1, use_cache=False))
+    full = batch * k / _seconds(lambda: run(k, use_cache=False))
+    note = f" (timed over {k} tokens, same cost per token)" if k != n else ""
+    _report(batch, "recompute", compiling.seconds, first_s, full, note)
+    print(f"batch {batch}: the kv cache is {cached / full:.1f}x faster than full recompute")
+    return cached / full
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _report(batch, name, compile_s, first_s, tokens_per_sec, note):
+    print(f"batch {batch} | {name:<9} | compile {compile_s:5.2f} s | first token "
+          f"{1000 * first_s:7.1f} ms | {tokens_per_sec:8.1f} tokens/s{note}", flush=True)
 
 
 if __name__ == "__main__":

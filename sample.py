@@ -1,10 +1,16 @@
 """Samples text from a checkpoint: python sample.py --checkpoint out/shakespeare --prompt "ROMEO:"
 
-Standard output carries only the samples (separated by a line of dashes); logs go to stderr.
+Standard output carries only the samples, separated by a line of dashes; with --format json, one
+JSON object per sample and line: prompt, prompt_tokens, text (the generated part), tokens (its
+ids) and tokens_per_sec (compilation excluded). Logs go to stderr. A sample ends at
+<|endoftext|> (BPE models) and before any --stop text. Past block_size the window slides: see
+gpt_jax/sampling.py.
 """
 
 import argparse
+import json
 import sys
+import time
 
 from gpt_jax.errors import UserError, exit_with
 
@@ -22,55 +28,107 @@ def parse_args(argv):
     source.add_argument("--checkpoint", help="out_dir of a training run")
     source.add_argument("--init_from", help="hf:DIR (a Hugging Face GPT-2 directory) or hf:gpt2")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--num_samples", type=int, default=1)
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt_file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--per_line", action="store_true",
+                   help="each non-empty line of --prompt_file is a prompt; all run as one batch")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt, one batch")
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=200, help="keep the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="keep the nucleus of probability p")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--stop", action="append", default=[], help="end a sample before this text")
+    p.add_argument("--window_keep", type=int, default=None,
+                   help="tokens kept when the window slides past block_size (default: half)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--format", choices=("text", "json"), default="text")
     return p.parse_args(argv)
 
 
-def load_hf(spec: str):
-    """Returns (config, params, tokenizer) of a Hugging Face GPT-2 model (dropout off)."""
-    from gpt_jax import data, hf
+def read_prompts(args) -> list[str]:
+    """Returns the prompt texts: --prompt, the whole --prompt_file, or its non-empty lines."""
+    if args.prompt_file is None:
+        if args.per_line:
+            raise UserError("--per_line needs --prompt_file")
+        return [args.prompt]
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "it is not UTF-8" if isinstance(err, UnicodeDecodeError) else err.strerror
+        raise UserError(f"--prompt_file {args.prompt_file} cannot be read ({reason})") from None
+    prompts = [line for line in text.splitlines() if line] if args.per_line else [text]
+    if not prompts:
+        raise UserError(f"--prompt_file {args.prompt_file} has no non-empty line")
+    return prompts
 
-    if not spec.startswith(hf.PREFIX):
-        raise UserError(f"--init_from {spec!r} is not understood: use hf:DIR or hf:gpt2")
-    config, params = hf.load(spec)
+
+def load(args):
+    """Returns (config, params, tokenizer, description) of --checkpoint or --init_from."""
+    from gpt_jax import checkpoint, data, hf
+
+    if args.checkpoint:
+        step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
+        return config, params, tokenizer, f"{args.checkpoint} at step {step}"
+    if not args.init_from.startswith(hf.PREFIX):
+        raise UserError(f"--init_from {args.init_from!r} is not understood: use hf:DIR or hf:gpt2")
+    config, params = hf.load(args.init_from)
     tokenizer = data.TiktokenTokenizer("gpt2")
     if config.vocab_size > tokenizer.vocab_size:
-        raise UserError(f"{spec} has a vocabulary of {config.vocab_size} tokens, more than GPT-2's "
-                        f"BPE ({tokenizer.vocab_size}): its ids cannot be decoded")
-    print(f"loaded {spec} ({config.n_layer} layers, {config.n_embd} wide)", file=sys.stderr)
-    return config, params, tokenizer
+        raise UserError(f"{args.init_from} has a vocabulary of {config.vocab_size} tokens, more "
+                        f"than GPT-2's BPE ({tokenizer.vocab_size}): its ids cannot be decoded")
+    return config, params, tokenizer, \
+        f"{args.init_from} ({config.n_layer} layers, {config.n_embd} wide)"
 
 
 def main(argv):
     args = parse_args(argv)
     try:
-        from gpt_jax import checkpoint, sampling
+        from gpt_jax import sampling
 
-        sampling.check_options(args.max_new_tokens, args.temperature, args.top_k)
+        sampling.check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         if args.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
-        if args.checkpoint:
-            step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
-            print(f"loaded {args.checkpoint} at step {step}", file=sys.stderr)
-        else:
-            config, params, tokenizer = load_hf(args.init_from)
-        prompt = tokenizer.encode(args.prompt)
-        if len(prompt) > config.block_size:
-            print(f"the prompt has {len(prompt)} tokens: the model sees its last "
-                  f"{config.block_size} (block_size)", file=sys.stderr)
-        tokens = sampling.generate(
-            params, config, prompt, num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, seed=args.seed)
+        texts = [t for t in read_prompts(args) for _ in range(args.num_samples)]
+        if args.stream and (len(texts) > 1 or args.format == "json"):
+            raise UserError("--stream prints one text sample: give one prompt, --num_samples 1 "
+                            "and --format text")
+        config, params, tokenizer, description = load(args)
+        prompts = [tokenizer.encode(text) for text in texts]
+        sampling.check_window_keep(config, args.window_keep)
+        if not all(prompts):
+            raise UserError("the prompt is empty: give at least one character")
+        print(f"loaded {description}", file=sys.stderr)
+        for n in sorted({len(p) for p in prompts if len(p) > config.block_size}):
+            print(f"the prompt has {n} tokens: the model sees its last {config.block_size} "
+                  "(block_size)", file=sys.stderr)
+        eot = sampling.end_of_text(tokenizer)
+        options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                   "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+                   "stop_token": eot, "window_keep": args.window_keep}
+        if args.stream:
+            print(texts[0], end="", flush=True)
+            tokens = sampling.stream(params, config, prompts, **options)
+            for piece in sampling.stream_text(tokens, tokenizer.decode, args.stop, eot):
+                print(piece, end="", flush=True)
+            print()
+            return
+        with sampling.compile_watch() as compiling:
+            t0 = time.perf_counter()
+            tokens = sampling.generate(params, config, prompts, **options)
+            seconds = time.perf_counter() - t0 - compiling.seconds
     except UserError as err:
         exit_with(err)
-    texts = [tokenizer.decode(row) for row in tokens]
-    print(f"\n{SEPARATOR}\n".join(texts))
+    samples = sampling.records(texts, prompts, tokens, tokenizer.decode, args.stop, eot, seconds)
+    print(f"generated {len(samples)} x {args.max_new_tokens} tokens in {seconds:.2f} s "
+          f"({samples[0]['tokens_per_sec']} tokens/s per sample) after {compiling.seconds:.1f} s "
+          "compiling", file=sys.stderr)
+    if args.format == "json":
+        print("\n".join(json.dumps(sample) for sample in samples))
+    else:
+        print(f"\n{SEPARATOR}\n".join(s["prompt"] + s["text"] for s in samples))
 
 
 if __name__ == "__main__":

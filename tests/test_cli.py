@@ -1,6 +1,8 @@
 """train.py, sample.py and bench.py as a user runs them, in fresh processes."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +76,20 @@ BAD_SAMPLE = {
     "negative temperature": (["--checkpoint", "{run}", "--temperature", "-1"], "temperature"),
     "top_k zero": (["--checkpoint", "{run}", "--top_k", "0"], "top_k must be at least 1"),
     "not a number": (["--checkpoint", "{run}", "--num_samples", "x"], "invalid int value"),
+    "negative new tokens": (["--checkpoint", "{run}", "--max_new_tokens", "-3"], "max_new_tokens"),
+    "top_p zero": (["--checkpoint", "{run}", "--top_p", "0"], "top_p must be in (0, 1]"),
+    "top_p above one": (["--checkpoint", "{run}", "--top_p", "1.5"], "top_p must be in (0, 1]"),
+    "window_keep too big": (["--checkpoint", "{run}", "--window_keep", "17"], "window_keep"),
+    "empty prompt": (["--checkpoint", "{run}", "--prompt", ""], "the prompt is empty"),
+    "stream a batch": (["--checkpoint", "{run}", "--stream", "--num_samples", "2"],
+                       "--stream prints one text sample"),
+    "stream json": (["--checkpoint", "{run}", "--stream", "--format", "json"], "--stream prints"),
+    "bad format": (["--checkpoint", "{run}", "--format", "xml"], "invalid choice: 'xml'"),
+    "per_line alone": (["--checkpoint", "{run}", "--per_line"], "--per_line needs --prompt_file"),
+    "no prompt file": (["--checkpoint", "{run}", "--prompt_file", "{tmp}/nope.txt"],
+                       "cannot be read (No such file or directory)"),
+    "prompt and file": (["--checkpoint", "{run}", "--prompt", "a", "--prompt_file", "{tmp}/p"],
+                        "not allowed with argument --prompt"),
 }
 
 
@@ -82,6 +98,92 @@ def test_bad_sample_input_is_one_line(case, trained, tmp_path):
     args, message = BAD_SAMPLE[case]
     args = [a.format(tmp=tmp_path, run=trained) for a in args]
     _assert_one_line_error(run_cli("sample.py", *args), message)
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained):
+    """(step, config, params, tokenizer) of the tiny checkpoint, loaded in this process."""
+    from gpt_jax import checkpoint
+
+    return checkpoint.load_model(trained)
+
+
+def _json_lines(result) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_sample_json_lines_and_stop_strings(trained, trained_model):
+    tokenizer = trained_model[3]
+    args = ("sample.py", "--checkpoint", trained, "--prompt", "ROMEO:", "--num_samples", "2",
+            "--max_new_tokens", "30", "--seed", "1", "--format", "json")
+    free = _json_lines(run_cli(*args))
+    assert len(free) == 2 and free[0]["tokens"] != free[1]["tokens"]
+    for sample in free:
+        assert set(sample) == {"prompt", "prompt_tokens", "text", "tokens", "tokens_per_sec"}
+        assert sample["prompt"] == "ROMEO:"
+        assert sample["prompt_tokens"] == tokenizer.encode("ROMEO:")
+        assert len(sample["tokens"]) == 30 and tokenizer.decode(sample["tokens"]) == sample["text"]
+        assert sample["tokens_per_sec"] > 0
+    text = free[0]["text"]
+    stop = next(text[i:i + 2] for i in range(4, 20) if text[i:i + 2] not in text[:i + 1])
+    stopped = _json_lines(run_cli(*args, "--stop", stop, "--stop", "never seen"))
+    for before, after in zip(free, stopped):  # the same seed draws the same tokens
+        cut = before["text"].find(stop) if stop in before["text"] else 30
+        assert after["text"] == before["text"][:cut] and after["tokens"] == before["tokens"][:cut]
+    assert len(stopped[0]["text"]) < 20
+
+
+def test_prompt_file_lines_run_as_one_batch(trained, trained_model, tmp_path):
+    from gpt_jax import sampling
+
+    _, config, params, tokenizer = trained_model
+    path = tmp_path / "prompts.txt"
+    path.write_text("ROMEO:\nJULIET:\n\nFirst Citizen:\n")
+    result = run_cli("sample.py", "--checkpoint", trained, "--prompt_file", path, "--per_line",
+                     "--temperature", "0", "--max_new_tokens", "24", "--format", "json")
+    samples = _json_lines(result)
+    assert [s["prompt"] for s in samples] == ["ROMEO:", "JULIET:", "First Citizen:"]
+    assert "generated 3 x 24 tokens" in result.stderr
+    for sample in samples:
+        alone = sampling.generate(params, config, [tokenizer.encode(sample["prompt"])],
+                                  max_new_tokens=24, temperature=0.0)
+        assert sample["tokens"] == alone[0].tolist()
+
+
+def test_stream_prints_what_sampling_prints_and_crops_long_prompts(trained):
+    prompt = "ROMEO:\nWhat light through yonder window breaks?"  # 47 characters, block_size 16
+    args = ("sample.py", "--checkpoint", trained, "--prompt", prompt, "--max_new_tokens", "40",
+            "--temperature", "0.8", "--seed", "3")
+    plain, streamed = run_cli(*args), run_cli(*args, "--stream")
+    assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
+    assert streamed.stdout == plain.stdout and plain.stdout.startswith(prompt)
+    assert len(plain.stdout) == len(prompt) + 40 + 1
+    notice = "the prompt has 47 tokens: the model sees its last 16 (block_size)"
+    assert notice in plain.stderr and notice in streamed.stderr
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    """hf:DIR of a random GPT-2-vocabulary model (block_size 16), written by gpt_jax.hf."""
+    import jax
+
+    from gpt_jax import hf
+    from gpt_jax.model import GPTConfig, init_params
+
+    config = GPTConfig(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    directory = tmp_path_factory.mktemp("bpe") / "random-gpt2"
+    hf.write(directory, init_params(config, jax.random.PRNGKey(0)), config)
+    return f"hf:{directory}"
+
+
+def test_stream_prints_what_sampling_prints_for_bpe(bpe_model):
+    args = ("sample.py", "--init_from", bpe_model, "--prompt", "The quick brown fox",
+            "--max_new_tokens", "40", "--temperature", "1.0", "--seed", "5")
+    plain, streamed = run_cli(*args), run_cli(*args, "--stream")
+    assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
+    assert streamed.stdout == plain.stdout
+    assert plain.stdout.startswith("The quick brown fox") and len(plain.stdout) > 40
 
 
 def _assert_one_line_error(result, message):
@@ -121,3 +223,14 @@ def test_bench_prints_the_closing_line():
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("tokens_per_sec=") and " ms_per_step=" in last
     assert "compile_s=" in result.stdout
+
+
+def test_bench_sample_mode_ends_with_the_speedup():
+    result = run_cli("bench.py", "--config", CPU, "--mode", "sample", "--new_tokens", "20",
+                     "--prompt_tokens", "8", "--batch_sizes", "1,2", "--config.model.n_layer=1",
+                     "--config.model.n_embd=32", "--config.model.n_head=2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup_batch1=\d+\.\dx", lines[-1]), lines[-1]
+    assert sum("first token" in line and "tokens/s" in line for line in lines) == 4
+    assert "timed over 10 tokens" in result.stdout  # batch 2: the recompute baseline

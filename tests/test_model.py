@@ -10,7 +10,9 @@ from gpt_jax.model import (
     GPT,
     MLP,
     GPTConfig,
+    abstract_params,
     count_params,
+    init_cache,
     init_params,
     sinusoidal_positions,
     size_report,
@@ -165,3 +167,39 @@ def test_bad_shapes_are_user_errors():
         GPTConfig(n_embd=130, n_head=4)
     with pytest.raises(UserError, match="pos_encoding"):
         GPTConfig(pos_encoding="rotary")
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_cached_decode_equals_full_forward(pos_encoding):
+    cfg = GPTConfig(**{**TINY.__dict__, "pos_encoding": pos_encoding})
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    model, idx = GPT(cfg), _tokens((2, 16))
+    lengths = jnp.array([5, 9])
+    padded = jnp.where(jnp.arange(12) < lengths[:, None], idx[:, :12], 49)  # right padding
+
+    @jax.jit
+    def decode(cache, idx_BT, lengths_B=None):
+        logits, mutated = model.apply({"params": params, "cache": cache}, idx_BT, decode=True,
+                                      lengths_B=lengths_B, mutable=["cache"])
+        return logits, mutated["cache"]
+
+    logits, cache = decode(init_cache(cfg, 2), padded, lengths)
+    full = jax.jit(model.apply)({"params": params}, idx)
+    np.testing.assert_allclose(logits[0, :5], full[0, :5], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[1, :9], full[1, :9], atol=1e-5, rtol=0)
+    for t in range(7):  # one token per row per step; row 0 ends at position 11, row 1 at 15
+        positions = [int(n) + t for n in lengths]
+        logits, cache = decode(cache, idx[jnp.arange(2), jnp.array(positions)][:, None])
+        # full[:, pos] is the last position of a full forward on idx[:, :pos + 1] (causality).
+        expected = full[jnp.arange(2), jnp.array(positions)]
+        np.testing.assert_allclose(logits[:, 0], expected, atol=1e-5, rtol=0)
+    assert cache["index"].tolist() == [12, 16]
+
+
+def test_decode_mode_has_the_same_parameters_and_a_cache():
+    variables = jax.eval_shape(lambda: GPT(TINY).init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((3, 1), jnp.int32), decode=True))
+    assert variables["params"] == abstract_params(TINY)
+    cache = init_cache(TINY, 3)
+    assert cache["h_1"]["attn"]["cached_key"].shape == (3, 2, 16, 16)  # (B, H, block_size, K)
+    assert cache["index"].tolist() == [0, 0, 0]
