@@ -420,6 +420,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 is_last = step == config.max_steps
                 is_eval = step % config.eval_interval == 0 or is_last
                 if step % config.log_interval == 0 or is_eval:
+                    jax.block_until_ready(step_metrics)  # the interval ends when its work does
                     now = time.perf_counter()
                     for k in range(K):
                         record = _step_record(step, lane(step_metrics, k), lane(state, k),

@@ -238,4 +238,4 @@ def test_gpt2_config_sizes_have_the_published_counts(size, total):
     from configs.gpt2 import get_config
 
     config = get_config(size)
-    assert count_params(GPTConfig(vocab_size=50257, **config.model))["total"] == total
+    assert count_params(trainer.model_config(config, 50257))["total"] == total
