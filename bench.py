@@ -1,7 +1,7 @@
 """Times the train step of a config: python bench.py --config configs/shakespeare_cpu.py
 
-Prints compile seconds and steady-state ms/step, then a last line
-`tokens_per_sec=N ms_per_step=N`. No data is prepared and nothing is written: batches are
+Prints compile seconds, FLOPs per step (formula and XLA's count), steady-state ms/step and
+MFU, then a last line `tokens_per_sec=N ms_per_step=N mfu=N`. No data is prepared and nothing is written: batches are
 random tokens over --vocab_size (65: tiny-shakespeare's characters).
 
 --mode sample times generation instead (python bench.py --config configs/shakespeare.py
@@ -56,8 +56,8 @@ def bench_train(config):
     import numpy as np
 
     from gpt_jax import config as config_lib
-    from gpt_jax import optim, trainer
-    from gpt_jax.model import GPT
+    from gpt_jax import metrics, optim, trainer
+    from gpt_jax.model import GPT, count_params
 
     config_lib.validate(config)
     model_cfg = trainer.model_config(config, _VOCAB.value)
@@ -71,9 +71,18 @@ def bench_train(config):
     tokens_per_step = config.batch_size * model_cfg.block_size
 
     t0 = time.perf_counter()
-    step = trainer.make_train_step(GPT(model_cfg), tx).lower(state, batches[0], state.rng).compile()
+    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps).lower(
+        state, batches[0], state.rng).compile()
     print(f"backend: {jax.default_backend()} ({jax.device_count()} device(s))")
     print(f"compile_s={time.perf_counter() - t0:.2f}")
+    flops_per_token = metrics.flops_per_token(
+        count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
+        model_cfg.block_size)
+    xla = metrics.xla_flops(step)
+    peak, peak_source = metrics.peak_flops_per_device()
+    print(f"FLOPs per step: {flops_per_token * tokens_per_step / 1e9:.2f} G by 6N + 12LDT"
+          + (f", {xla / 1e9:.2f} G by XLA's cost analysis" if xla else "")
+          + f"; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
     def run(n):
         nonlocal state
@@ -85,9 +94,11 @@ def bench_train(config):
     t0 = time.perf_counter()
     run(_STEPS.value)
     ms = 1000 * (time.perf_counter() - t0) / _STEPS.value
+    tokens_per_sec = tokens_per_step / ms * 1000
+    mfu = tokens_per_sec * flops_per_token / peak
     print(f"steady state over {_STEPS.value} steps: {ms:.2f} ms/step, "
-          f"{tokens_per_step / ms * 1000:,.0f} tokens/s ({tokens_per_step} tokens/step)")
-    print(f"tokens_per_sec={tokens_per_step / ms * 1000:.0f} ms_per_step={ms:.2f}")
+          f"{tokens_per_sec:,.0f} tokens/s ({tokens_per_step} tokens/step), MFU {100 * mfu:.1f}%")
+    print(f"tokens_per_sec={tokens_per_sec:.0f} ms_per_step={ms:.2f} mfu={mfu:.3f}")
 
 
 def bench_sample(config, batch_sizes: list[int]) -> None:
