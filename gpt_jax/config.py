@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pos_encoding = "learned"  # learned | sinusoidal | none
     c.model.norm_position = "pre"  # pre (GPT-2) | post (the original Transformer's Add & Norm)
     c.model.activation = "gelu"  # gelu (tanh approximation) | relu
+    c.model.attention = "auto"  # fused (jax.nn.dot_product_attention) | einsum | auto
     c.model.tie_embeddings = True
     c.model.dtype = "auto"  # compute dtype: auto is bfloat16 on GPU/TPU, float32 on CPU
     return c

@@ -13,6 +13,7 @@ from gpt_jax.errors import UserError
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "relu")
+ATTENTIONS = ("auto", "fused", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class GPTConfig:
     pos_encoding: str = "learned"  # learned | sinusoidal | none (causal attention alone)
     norm_position: str = "pre"  # pre: x + f(ln(x)) (GPT-2); post: ln(x + f(x)) (Transformer)
     activation: str = "gelu"  # MLP nonlinearity: gelu (tanh approximation, GPT-2) | relu
+    # Training-path attention: fused (jax.nn.dot_product_attention), einsum (written out), or
+    # auto: fused on GPU/TPU, einsum on CPU. Same math; the fused op skips attention dropout.
+    attention: str = "auto"
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
@@ -47,7 +51,8 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("pos_encoding", POS_ENCODINGS),
-                              ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS)):
+                              ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
+                              ("attention", ATTENTIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
                                 f"{', '.join(allowed)}")
@@ -121,6 +126,12 @@ class CausalSelfAttention(nn.Module):
         q_BTHK, k_BTHK, v_BTHK = (
             a.reshape(B, T, H, D // H) for a in jnp.split(qkv_BT3D, 3, axis=-1)
         )
+        if positions_BT is None and self._fused(deterministic):
+            # One fused op (cuDNN flash attention on GPUs); softmax statistics in float32.
+            y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
+            y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)),
+                             y_BTHK.reshape(B, T, D))
+            return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
         if positions_BT is None:
             keys, values, kv = k_BTHK, v_BTHK, "bshk"
             visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S): S is T
@@ -135,6 +146,16 @@ class CausalSelfAttention(nn.Module):
         y_BTHK = jnp.einsum(f"bhts,{kv}->bthk", probs_BHTS, values)
         y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
         return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+    def _fused(self, deterministic: bool) -> bool:
+        """Whether to use jax.nn.dot_product_attention: on accelerators (auto) or when asked,
+        and never with attention dropout, which the fused op does not do. On XLA:CPU the
+        written-out path is ~1.1x faster (measured on the CPU recipe), so auto keeps it there."""
+        if not deterministic and self.config.dropout > 0:
+            return False
+        if self.config.attention == "auto":
+            return jax.default_backend() != "cpu"
+        return self.config.attention == "fused"
 
     def _cached(self, k_BTHK, v_BTHK, positions_BT):
         """Writes the new keys and values at their positions; returns the whole (B, H, S, K) cache."""

@@ -659,10 +659,14 @@ def _check_compatible(config: ml_collections.ConfigDict, saved: tuple[dict, dict
                       tokenizer_table: dict) -> None:
     """Raises UserError when out_dir's checkpoint was made by another model or tokenizer."""
     saved_config, saved_tokenizer = saved
-    saved_model, model = saved_config.get("model", {}), config.model.to_dict()
-    # dropout and the compute dtype may change between runs; the parameters stay the same.
+    # Fields added since a checkpoint was written take their default (what it was trained with).
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    saved_model = {**defaults, **saved_config.get("model", {})}
+    model = config.model.to_dict()
+    # dropout, the compute dtype and the attention kernel may change between runs; the
+    # parameters stay the same.
     diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in model.items()
-             if saved_model.get(k) != v and k not in ("dropout", "dtype")]
+             if saved_model.get(k) != v and k not in ("dropout", "dtype", "attention")]
     if diffs:
         raise UserError(f"{config.out_dir} holds a checkpoint of a different model "
                         f"(model.{'; model.'.join(diffs)}): use a new --config.out_dir or the "

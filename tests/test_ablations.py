@@ -81,3 +81,11 @@ def test_unknown_switch_values_and_export_refusals():
         dataclasses.replace(TINY, activation="swish")
     odd = dataclasses.replace(TINY, norm_position="post", activation="relu")
     assert [r.split("=")[0] for r in hf.export_blockers(odd)] == ["norm_position", "activation"]
+
+
+def test_fused_attention_equals_the_written_out_one():
+    idx = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 32)
+    fused, params = _logits(dataclasses.replace(TINY, attention="fused"), idx)
+    einsum = np.asarray(GPT(dataclasses.replace(TINY, attention="einsum")).apply(
+        {"params": params}, idx))
+    np.testing.assert_allclose(fused, einsum, atol=1e-5)
