@@ -146,6 +146,8 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     try:
         groups = group_runs([Path(r) for r in args.runs])
+        if BASELINE in groups:  # the reference row and colour come first
+            groups = {BASELINE: groups.pop(BASELINE), **groups}
         rows = [summarize(name, runs) for name, runs in groups.items()]
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
