@@ -72,7 +72,7 @@ def bench_train(config):
 
     t0 = time.perf_counter()
     step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps).lower(
-        state, batches[0], state.rng).compile()
+        state, batches[0], jax.random.fold_in(state.rng, 0)).compile()
     print(f"backend: {jax.default_backend()} ({jax.device_count()} device(s))")
     print(f"compile_s={time.perf_counter() - t0:.2f}")
     flops_per_token = metrics.flops_per_token(
@@ -87,7 +87,7 @@ def bench_train(config):
     def run(n):
         nonlocal state
         for i in range(n):
-            state, metrics = step(state, batches[i % len(batches)], state.rng)
+            state, metrics = step(state, batches[i % len(batches)], jax.random.fold_in(state.rng, i))
         jax.block_until_ready(metrics)
 
     run(_WARMUP.value)
