@@ -118,7 +118,7 @@ def test_nothing_to_do_when_max_steps_reached(tiny_config, capsys):
 def test_gradient_accumulation_equals_one_large_batch():
     from configs.shakespeare_cpu import get_config
 
-    cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=32)
     tx = optim.make_optimizer(get_config())
     tokens = np.random.default_rng(0).integers(0, 32, size=(8, 17)).astype(np.int32)
     batch = (tokens[:, :-1], tokens[:, 1:])
@@ -126,7 +126,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     for accum in (1, 4):
         state = trainer.init_train_state(cfg, tx, seed=0)
         step = trainer.make_train_step(GPT(cfg), tx, grad_accum_steps=accum)
-        for _ in range(3):
+        for _ in range(2):
             state, metrics = step(state, batch, jax.random.fold_in(state.rng, state.step))
         results[accum] = (state.params, float(metrics["loss"]), float(metrics["grad_norm"]))
     assert results[4][1] == pytest.approx(results[1][1], abs=1e-6)
@@ -149,11 +149,11 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
     batch = (tokens[:, :-1], tokens[:, 1:])
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, dtype=dtype)
+        cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=32, dtype=dtype)
         state = trainer.init_train_state(cfg, tx, seed=0)
         step = trainer.make_train_step(GPT(cfg), tx)
         losses[dtype] = []
-        for _ in range(5):
+        for _ in range(3):
             state, metrics = step(state, batch, state.rng)
             losses[dtype].append(float(metrics["loss"]))
         assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
