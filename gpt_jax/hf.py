@@ -276,10 +276,14 @@ def write(directory: Path, params: dict, config: GPTConfig) -> None:
     (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
 
 
-def _get(tree, path, **default):
+_REQUIRED = object()
+
+
+def _get(tree, path, default=_REQUIRED):
+    """Returns tree[path[0]][path[1]]...; `default` where a key is missing (if given)."""
     for key in path:
-        if key not in tree and "default" in default:
-            return default["default"]
+        if key not in tree and default is not _REQUIRED:
+            return default
         tree = tree[key]
     return tree
 

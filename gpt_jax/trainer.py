@@ -168,7 +168,7 @@ def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
                               clipped_steps=state.clipped_steps + clipped.astype(jnp.int32))
     # Stability signals: global and per-layer norms of gradients, parameters and updates.
     step_metrics = {"loss": loss, **norms("grad_norm", grads), **norms("param_norm", params),
-                    **norms("update_norm", jax.tree.map(jnp.subtract, params, state.params))}
+                    **norms("update_norm", updates)}
     return new_state, step_metrics
 
 
@@ -589,17 +589,16 @@ class _CacheHits:
     EVENT = "/jax/compilation_cache/cache_hits"
 
     def __enter__(self):
-        self.count, self._active = 0, True
-
-        def listener(event, **kwargs):
-            if self._active and event == self.EVENT:
-                self.count += 1
-
-        jax.monitoring.register_event_listener(listener)
+        self.count = 0
+        jax.monitoring.register_event_listener(self._listen)
         return self
 
+    def _listen(self, event, **kwargs):
+        if event == self.EVENT:
+            self.count += 1
+
     def __exit__(self, *exc):
-        self._active = False  # jax has no public way to unregister a listener
+        jax.monitoring.unregister_event_listener(self._listen)
 
 
 def _flops_report(formula: float, xla: float | None, peak: float, peak_source: str) -> str:
