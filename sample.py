@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from gpt_jax import host_memory
 from gpt_jax.errors import UserError, exit_with
 
 SEPARATOR = "-" * 40
@@ -84,6 +85,7 @@ def load(args):
 
 
 def main(argv):
+    host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
     args = parse_args(argv)
     try:
         from gpt_jax import sampling

@@ -2,10 +2,12 @@
 
 import sys
 
+from gpt_jax import host_memory
 from gpt_jax.errors import UserError, exit_with
 
 
 def main(argv: list[str]) -> None:
+    host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
     from gpt_jax import cli, trainer
 
     try:

@@ -140,15 +140,17 @@ def norms(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
     return out
 
 
-def train_step(state: TrainState, batch, rng: jax.Array, *, model: GPT,
-               tx: optax.GradientTransformation, mesh: Mesh, grad_accum_steps: int = 1,
+def train_step(state: TrainState, batch, *, model: GPT, tx: optax.GradientTransformation,
+               mesh: Mesh, grad_accum_steps: int = 1,
                grad_clip: float = 0.0) -> tuple[TrainState, dict]:
     """Returns the state after one AdamW update on the global `batch`, and that step's metrics.
 
-    `rng` is the dropout key of this step; the loop passes fold_in(state.rng, state.step)
-    so dropout masks are a pure function of (seed, step) and resumes are exact. The gradient
-    is computed under shard_map; the AdamW update runs on the sharded state as it lies.
+    The dropout key of step k is fold_in(state.rng, k), drawn inside the compiled step (a
+    separate host call per step would wait for the previous step and stall the dispatch
+    queue), so dropout masks are a pure function of (seed, step) and resumes are exact. The
+    gradient is computed under shard_map; the AdamW update runs on the sharded state as it lies.
     """
+    rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = sharded_value_and_grad(state.params, batch, rng, model=model, mesh=mesh,
                                          grad_accum_steps=grad_accum_steps)
     grad_norm = optax.tree.norm(grads)
@@ -340,12 +342,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if K == 1:
         step_fn = make_train_step(model, tx, config.grad_accum_steps, mesh, state_shardings,
                                   config.grad_clip)
-        fold = jax.random.fold_in
     else:
         step_fn = jax.jit(jax.vmap(functools.partial(
             train_step, model=model, tx=tx, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
             grad_clip=config.grad_clip)), donate_argnums=0)
-        fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
     eval_step = make_eval_step(model, mesh)
     tokens_per_step = config.batch_size * model_cfg.block_size
 
@@ -365,7 +365,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     t0 = time.perf_counter()
     with _CacheHits() as hits:
-        compiled = step_fn.lower(state, batch_at(start), fold(state.rng, start)).compile()
+        compiled = step_fn.lower(state, batch_at(start)).compile()
     log(f"train step compiled in {time.perf_counter() - t0:.2f} s"
         + (" (from the persistent compilation cache)" if hits.count else "")
         + (f", {K} seeds in one step (vmap)" if K > 1 else ""))
@@ -413,7 +413,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                         f"checkpoint saved in {checkpoint.checkpoint_dir(config.out_dir)}: run "
                         "the same command to resume", 128 + stop.signum)
 
-                state, step_metrics = compiled(state, batch_at(step), fold(state.rng, step))
+                state, step_metrics = compiled(state, batch_at(step))
                 step += 1
                 steps_since_log += 1
 

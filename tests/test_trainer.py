@@ -35,7 +35,7 @@ def test_overfits_one_batch():
     batch = (tokens[:, :-1], tokens[:, 1:])
     step = trainer.make_train_step(GPT(cfg), tx)
     for _ in range(300):
-        state, metrics = step(state, batch, state.rng)
+        state, metrics = step(state, batch)
     assert float(metrics["loss"]) < 0.05
     assert int(state.step) == 300
 
@@ -88,15 +88,15 @@ def test_save_restore_gives_identical_params_and_next_step(tiny_config, tmp_path
     batch = trainer.train_batch(data.load_dataset(tiny_config.data), tiny_config, 0)
     state = trainer.init_train_state(model_cfg, tx, seed=0)
     for _ in range(3):
-        state, _ = step(state, batch, state.rng)
+        state, _ = step(state, batch)
     manager = checkpoint.make_manager(tmp_path / "ckpt")
     checkpoint.save(manager, 3, state, tiny_config.to_dict(), {"kind": "char", "chars": "ab"})
     manager.wait_until_finished()
     template = trainer.init_train_state(model_cfg, tx, seed=1)
     restored = checkpoint.restore_state(manager, 3, template)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
-    _, m1 = step(state, batch, state.rng)
-    _, m2 = step(restored, batch, restored.rng)
+    _, m1 = step(state, batch)
+    _, m2 = step(restored, batch)
     assert float(m1["loss"]) == float(m2["loss"])
 
 
@@ -127,7 +127,7 @@ def test_gradient_accumulation_equals_one_large_batch():
         state = trainer.init_train_state(cfg, tx, seed=0)
         step = trainer.make_train_step(GPT(cfg), tx, grad_accum_steps=accum)
         for _ in range(2):
-            state, metrics = step(state, batch, jax.random.fold_in(state.rng, state.step))
+            state, metrics = step(state, batch)
         results[accum] = (state.params, float(metrics["loss"]), float(metrics["grad_norm"]))
     assert results[4][1] == pytest.approx(results[1][1], abs=1e-6)
     assert results[4][2] == pytest.approx(results[1][2], rel=1e-5)
@@ -154,7 +154,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss():
         step = trainer.make_train_step(GPT(cfg), tx)
         losses[dtype] = []
         for _ in range(3):
-            state, metrics = step(state, batch, state.rng)
+            state, metrics = step(state, batch)
             losses[dtype].append(float(metrics["loss"]))
         assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
         logits = GPT(cfg).apply({"params": state.params}, batch[0])
