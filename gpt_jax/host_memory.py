@@ -40,6 +40,6 @@ def retain_freed_memory() -> bool:
         return False
     return all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_MAX, 0),  # no mmap per large block: it comes from the heap and stays there
-        (_M_TRIM_THRESHOLD, 2**31 - 1),  # never hand the heap's top back to the kernel
+        (_M_TRIM_THRESHOLD, -1),  # -1: never hand the heap's top back to the kernel
         (_M_ARENA_MAX, 1),  # one heap: XLA's worker threads reuse what the others freed
     ))

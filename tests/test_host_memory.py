@@ -1,0 +1,45 @@
+"""retain_freed_memory: a large buffer freed and allocated again costs no new page faults."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import ctypes, resource
+from gpt_jax import host_memory
+
+print(host_memory.retain_freed_memory())
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def faults_of_a_48_mib_buffer():  # as XLA:CPU does with a step's temp buffer: malloc, use, free
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    size = 48 << 20  # above glibc's largest mmap threshold (32 MiB)
+    buffer = libc.malloc(size)
+    ctypes.memset(buffer, 1, size)
+    libc.free(buffer)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_of_a_48_mib_buffer()
+print(faults_of_a_48_mib_buffer())  # the second time: like XLA's per-step temp buffer
+"""
+
+
+def _probe(**env) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_freed_buffer_is_reused_without_page_faults():
+    took_effect, faults = _probe(GPT_JAX_GLIBC_DEFAULTS="0")
+    assert took_effect == "True"
+    assert faults < 100  # 12,288 pages of 4 KiB with glibc's defaults
+
+    took_effect, faults = _probe(GPT_JAX_GLIBC_DEFAULTS="1")
+    assert took_effect == "False"
+    assert faults > 12_000  # glibc unmapped the buffer on free and maps fresh pages again
