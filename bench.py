@@ -86,10 +86,13 @@ def bench_train(config):
           + (f", {xla / 1e9:.2f} G by XLA's cost analysis" if xla else "")
           + f"; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
+    pace = host_memory.StepPacer(step)  # as train.py's loop does
+
     def run(n):
         nonlocal state
         for i in range(n):
             state, metrics = step(state, batches[i % len(batches)])
+            pace(metrics)
         jax.block_until_ready(metrics)
 
     run(_WARMUP.value)

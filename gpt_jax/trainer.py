@@ -19,7 +19,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt_jax import checkpoint, data, metrics, optim, sharding
+from gpt_jax import checkpoint, data, host_memory, metrics, optim, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, count_params, init_params, size_report
@@ -401,6 +401,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0, k)}
                     emit(k, dict(last_eval, train_loss=last_eval["eval_train_loss"]))
             t_last, steps_since_log = time.perf_counter(), 0
+            pace = host_memory.StepPacer(compiled)  # one step at a time on a CPU
             clipped_at_log = np.asarray(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:
@@ -414,6 +415,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                         "the same command to resume", 128 + stop.signum)
 
                 state, step_metrics = compiled(state, batch_at(step))
+                pace(step_metrics)
                 step += 1
                 steps_since_log += 1
 

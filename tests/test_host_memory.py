@@ -43,3 +43,50 @@ def test_a_freed_buffer_is_reused_without_page_faults():
     took_effect, faults = _probe(GPT_JAX_GLIBC_DEFAULTS="1")
     assert took_effect == "False"
     assert faults > 12_000  # glibc unmapped the buffer on free and maps fresh pages again
+
+
+
+_PACED_LOOP = """
+import ctypes, sys
+from gpt_jax import host_memory
+
+host_memory.retain_freed_memory()
+import jax, jax.numpy as jnp
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def step(w, x):  # elementwise layers: cheap, but their activations make a large temp buffer
+    def loss(w):
+        h = x
+        for _ in range(6):
+            h = jnp.tanh(h * w + 0.1)
+        return jnp.mean(h * h)
+    loss_value, grad = jax.value_and_grad(loss)(w)
+    return w - 0.1 * grad, loss_value
+
+w, x = jnp.ones((4096,)), jnp.full((4096, 4096), 0.5)
+compiled = jax.jit(step, donate_argnums=0).lower(w, x).compile()
+print(compiled.memory_analysis().temp_size_in_bytes)
+pace = host_memory.StepPacer(compiled)
+for _ in range(12):
+    in_use_before = libc.mallinfo2().uordblks
+    w, loss_value = compiled(w, x)
+    pace(loss_value)
+    print(libc.mallinfo2().uordblks - in_use_before)  # what the step still holds
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_pacer_lets_xla_free_a_large_temp_buffer_before_the_next_step():
+    out = subprocess.run([sys.executable, "-c", _PACED_LOOP],
+                         env={**os.environ, "GPT_JAX_GLIBC_DEFAULTS": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    temp, held = int(out[0]), [int(n) for n in out[1:]]
+    assert temp >= 256 << 20  # large: the pacer waits for its release
+    # Waiting for the outputs alone, the step often still held its temp buffer (XLA frees it
+    # 1-6 ms later) and the next step took a fresh one from a growing heap.
+    assert len(held) == 12 and max(held) < temp // 4
