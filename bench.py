@@ -33,10 +33,10 @@ _BASELINE_TOKENS = flags.DEFINE_integer(
 
 
 def main(argv):
-    host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
     from gpt_jax import cli
 
     try:
+        host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
         config = cli.parse_config(argv)
         if _STEPS.value < 1 or _WARMUP.value < 0:
             raise UserError("--steps must be >= 1 and --warmup >= 0")

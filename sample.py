@@ -85,9 +85,9 @@ def load(args):
 
 
 def main(argv):
-    host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
     args = parse_args(argv)
     try:
+        host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
         from gpt_jax import sampling
 
         sampling.check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)

@@ -7,10 +7,10 @@ from gpt_jax.errors import UserError, exit_with
 
 
 def main(argv: list[str]) -> None:
-    host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
-    from gpt_jax import cli, trainer
-
     try:
+        host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
+        from gpt_jax import cli, trainer
+
         config = cli.parse_config(argv)
         cli.init_distributed()
         trainer.run(config)

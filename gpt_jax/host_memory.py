@@ -26,6 +26,8 @@ import ctypes.util
 import os
 import time
 
+from gpt_jax.errors import UserError
+
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -45,6 +47,16 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+), all siz
         "fordblks", "keepcost")]
 
 
+def _glibc():
+    """Returns the C library when it is glibc (which has mallopt and mallinfo2), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: other libcs have other (or no) malloc knobs
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def retain_freed_memory() -> bool:
     """Tells glibc to serve every allocation from one heap that it never trims.
 
@@ -52,16 +64,15 @@ def retain_freed_memory() -> bool:
     GPT_JAX_GLIBC_DEFAULTS=1. Call it before the first JAX computation: threads that already
     have their own malloc arena keep it.
     """
-    if os.environ.get("GPT_JAX_GLIBC_DEFAULTS") == "1":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: other libcs have no mallopt or other params
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
     global _retained
-    _retained = all(mallopt(param, value) == 1 for param, value in (
+    choice = os.environ.get("GPT_JAX_GLIBC_DEFAULTS", "0")
+    if choice not in ("0", "1"):
+        raise UserError(f"GPT_JAX_GLIBC_DEFAULTS={choice!r} is not 0 or 1: set 1 to keep "
+                        "glibc's malloc defaults, 0 (or unset it) to keep freed memory")
+    libc = _glibc()
+    if choice == "1" or libc is None:
+        return False
+    _retained = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_MAX, 0),  # no mmap per large block: it comes from the heap and stays there
         (_M_TRIM_THRESHOLD, -1),  # -1: never hand the heap's top back to the kernel
         (_M_ARENA_MAX, 1),  # one heap: XLA's worker threads reuse what the others freed
@@ -69,14 +80,13 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
-def _heap_in_use():
+def heap_in_use_counter():
     """Returns a function giving the bytes glibc's heap has handed out, or None off glibc."""
-    try:
-        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):  # mallinfo2: glibc 2.33+
         return None
-    mallinfo2.restype = _MallInfo2
-    return lambda: mallinfo2().uordblks
+    libc.mallinfo2.restype = _MallInfo2
+    return lambda: libc.mallinfo2().uordblks
 
 
 class StepPacer:
@@ -92,17 +102,17 @@ class StepPacer:
         import jax  # only once JAX is needed: retain_freed_memory runs before JAX starts
 
         self._on_cpu = jax.default_backend() == "cpu"
+        self._block_until_ready = jax.block_until_ready
         temp = compiled.memory_analysis().temp_size_in_bytes if self._on_cpu else 0
-        self._in_use = _heap_in_use() if _retained and temp >= LARGE_TEMP_BYTES else None
+        large = _retained and temp >= LARGE_TEMP_BYTES
+        self._in_use = heap_in_use_counter() if large else None
         self._half_temp = temp // 2
         self._settled = self._in_use() if self._in_use else 0  # bytes in use between steps
 
     def __call__(self, outputs) -> None:
         if not self._on_cpu:
             return
-        import jax
-
-        jax.block_until_ready(outputs)
+        self._block_until_ready(outputs)
         if self._in_use is None:
             return
         deadline = time.perf_counter() + _RELEASE_TIMEOUT_S

@@ -47,17 +47,12 @@ def test_a_freed_buffer_is_reused_without_page_faults():
 
 
 _PACED_LOOP = """
-import ctypes, sys
 from gpt_jax import host_memory
 
 host_memory.retain_freed_memory()
 import jax, jax.numpy as jnp
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
+heap_in_use = host_memory.heap_in_use_counter()
 
 def step(w, x):  # elementwise layers: cheap, but their activations make a large temp buffer
     def loss(w):
@@ -73,10 +68,10 @@ compiled = jax.jit(step, donate_argnums=0).lower(w, x).compile()
 print(compiled.memory_analysis().temp_size_in_bytes)
 pace = host_memory.StepPacer(compiled)
 for _ in range(12):
-    in_use_before = libc.mallinfo2().uordblks
+    in_use_before = heap_in_use()
     w, loss_value = compiled(w, x)
     pace(loss_value)
-    print(libc.mallinfo2().uordblks - in_use_before)  # what the step still holds
+    print(heap_in_use() - in_use_before)  # what the step still holds
 """
 
 
@@ -90,3 +85,16 @@ def test_the_pacer_lets_xla_free_a_large_temp_buffer_before_the_next_step():
     # Waiting for the outputs alone, the step often still held its temp buffer (XLA frees it
     # 1-6 ms later) and the next step took a fresh one from a growing heap.
     assert len(held) == 12 and max(held) < temp // 4
+
+
+@pytest.mark.parametrize("entry_point", ["train.py", "sample.py", "bench.py"])
+def test_a_bad_glibc_setting_is_a_one_line_error(entry_point):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = (["--init_from", "gpt2"] if entry_point == "sample.py"
+            else ["--config", "configs/shakespeare_cpu.py"])
+    run = subprocess.run([sys.executable, entry_point, *args], cwd=root, capture_output=True,
+                         text=True, env={**os.environ, "GPT_JAX_GLIBC_DEFAULTS": "yes"})
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: GPT_JAX_GLIBC_DEFAULTS='yes' is not 0 or 1: set 1 to keep glibc's malloc "
+        "defaults, 0 (or unset it) to keep freed memory"]
