@@ -20,9 +20,10 @@ from absl import flags
 from gpt_jax import host_memory
 from gpt_jax.errors import UserError, exit_with
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to time.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt"], "What to time.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after compiling.")
+_ROUNDS = flags.DEFINE_integer("rounds", 10, "--mode nanogpt: alternating rounds.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 65, "Vocabulary of the random batches.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 500, "--mode sample: tokens generated.")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "--mode sample: prompt length.")
@@ -38,8 +39,11 @@ def main(argv):
     try:
         host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
         config = cli.parse_config(argv)
-        if _STEPS.value < 1 or _WARMUP.value < 0:
-            raise UserError("--steps must be >= 1 and --warmup >= 0")
+        if _STEPS.value < 1 or _WARMUP.value < 0 or _ROUNDS.value < 1:
+            raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
+        if _MODE.value == "nanogpt" and config.grad_accum_steps != 1:
+            raise UserError("--mode nanogpt times one update per batch: set "
+                            "--config.grad_accum_steps=1")
         batch_sizes = [int(b) for b in _BATCH_SIZES.value if b.isdigit()]
         if _MODE.value == "sample" and (_NEW_TOKENS.value < 1 or _PROMPT_TOKENS.value < 1 or
                                         len(batch_sizes) < len(_BATCH_SIZES.value) or
@@ -47,19 +51,25 @@ def main(argv):
             raise UserError("--new_tokens, --prompt_tokens and --batch_sizes must be >= 1")
     except UserError as err:
         exit_with(err)
-    if _MODE.value == "sample":
-        bench_sample(config, batch_sizes)
-    else:
-        bench_train(config)
+    try:
+        if _MODE.value == "sample":
+            bench_sample(config, batch_sizes)
+        elif _MODE.value == "nanogpt":
+            bench_nanogpt(config)
+        else:
+            bench_train(config)
+    except UserError as err:  # e.g. no torch for --mode nanogpt
+        exit_with(err)
 
 
-def bench_train(config):
+def _train_setup(config):
+    """Compiles the config's train step; returns (step, state, batches, model config)."""
     import jax
     import numpy as np
 
     from gpt_jax import config as config_lib
-    from gpt_jax import metrics, optim, trainer
-    from gpt_jax.model import GPT, count_params
+    from gpt_jax import optim, trainer
+    from gpt_jax.model import GPT
 
     config_lib.validate(config)
     model_cfg = trainer.model_config(config, _VOCAB.value)
@@ -70,13 +80,38 @@ def bench_train(config):
     batches = [rng.integers(0, model_cfg.vocab_size, size=shape, dtype=np.int32)
                for _ in range(8)]
     batches = [(b[:, :-1], b[:, 1:]) for b in batches]
-    tokens_per_step = config.batch_size * model_cfg.block_size
-
     t0 = time.perf_counter()
-    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps).lower(
-        state, batches[0]).compile()
+    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps,
+                                   grad_clip=config.grad_clip).lower(state, batches[0]).compile()
     print(f"backend: {jax.default_backend()} ({jax.device_count()} device(s))")
     print(f"compile_s={time.perf_counter() - t0:.2f}")
+    return step, state, batches, model_cfg
+
+
+def _timed_loop(step, state, batches):
+    """Returns run(n) -> seconds: n paced steps, as train.py's loop runs them."""
+    import jax
+
+    pace = host_memory.StepPacer(step)
+
+    def run(n):
+        nonlocal state
+        t0 = time.perf_counter()
+        for i in range(n):
+            state, metrics = step(state, batches[i % len(batches)])
+            pace(metrics)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def bench_train(config):
+    from gpt_jax import metrics
+    from gpt_jax.model import count_params
+
+    step, state, batches, model_cfg = _train_setup(config)
+    tokens_per_step = config.batch_size * model_cfg.block_size
     flops_per_token = metrics.flops_per_token(
         count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
         model_cfg.block_size)
@@ -86,24 +121,55 @@ def bench_train(config):
           + (f", {xla / 1e9:.2f} G by XLA's cost analysis" if xla else "")
           + f"; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
 
-    pace = host_memory.StepPacer(step)  # as train.py's loop does
-
-    def run(n):
-        nonlocal state
-        for i in range(n):
-            state, metrics = step(state, batches[i % len(batches)])
-            pace(metrics)
-        jax.block_until_ready(metrics)
-
+    run = _timed_loop(step, state, batches)
     run(_WARMUP.value)
-    t0 = time.perf_counter()
-    run(_STEPS.value)
-    ms = 1000 * (time.perf_counter() - t0) / _STEPS.value
+    ms = 1000 * run(_STEPS.value) / _STEPS.value
     tokens_per_sec = tokens_per_step / ms * 1000
     mfu = tokens_per_sec * flops_per_token / peak
     print(f"steady state over {_STEPS.value} steps: {ms:.2f} ms/step, "
           f"{tokens_per_sec:,.0f} tokens/s ({tokens_per_step} tokens/step), MFU {100 * mfu:.1f}%")
     print(f"tokens_per_sec={tokens_per_sec:.0f} ms_per_step={ms:.2f} mfu={mfu:.3f}")
+
+
+def bench_nanogpt(config):
+    import numpy as np
+
+    from gpt_jax import torch_nanogpt, trainer
+
+    model_cfg = trainer.model_config(config, _VOCAB.value)
+    model = torch_nanogpt.build(model_cfg, seed=config.seed)  # refuses what nanoGPT lacks
+    torch = torch_nanogpt.require_torch()
+    step, state, batches, model_cfg = _train_setup(config)
+    optimizer = torch_nanogpt.make_optimizer(model, config)
+    torch_batches = [tuple(torch.from_numpy(a.astype(np.int64)) for a in b) for b in batches]
+    print(f"nanoGPT: PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, "
+          f"same shapes, AdamW{' + clipping' if config.grad_clip > 0 else ''}")
+
+    def run_nanogpt(n):
+        t0 = time.perf_counter()
+        for i in range(n):
+            x, y = torch_batches[i % len(torch_batches)]
+            loss = torch_nanogpt.train_step(model, optimizer, x, y, config.grad_clip)
+        loss.item()
+        return time.perf_counter() - t0
+
+    run_jax = _timed_loop(step, state, batches)
+    run_jax(_WARMUP.value)
+    run_nanogpt(max(_WARMUP.value, 1))
+    steps, ours, theirs = _STEPS.value, [], []
+    for r in range(_ROUNDS.value):
+        ours.append(1000 * run_jax(steps) / steps)
+        theirs.append(1000 * run_nanogpt(steps) / steps)
+        print(f"round {r + 1}: gpt-jax {ours[-1]:6.2f} ms/step | nanoGPT {theirs[-1]:6.2f} "
+              f"ms/step | {theirs[-1] / ours[-1]:.2f}x", flush=True)
+    ratio = float(np.median([t / o for o, t in zip(ours, theirs)]))
+    tokens_per_step = config.batch_size * model_cfg.block_size
+    print(f"median over {_ROUNDS.value} rounds of {steps} steps: gpt-jax "
+          f"{np.median(ours):.2f} ms/step ({tokens_per_step / np.median(ours) * 1000:,.0f} "
+          f"tokens/s), nanoGPT {np.median(theirs):.2f} ms/step "
+          f"({tokens_per_step / np.median(theirs) * 1000:,.0f} tokens/s)")
+    print(f"nanogpt_ms_per_step={np.median(theirs):.2f} ms_per_step={np.median(ours):.2f} "
+          f"speedup_vs_nanogpt={ratio:.2f}x")
 
 
 def bench_sample(config, batch_sizes: list[int]) -> None:

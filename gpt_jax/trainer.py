@@ -401,7 +401,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0, k)}
                     emit(k, dict(last_eval, train_loss=last_eval["eval_train_loss"]))
             t_last, steps_since_log = time.perf_counter(), 0
-            pace = host_memory.StepPacer(compiled)  # one step at a time on a CPU
+            pace = host_memory.StepPacer(compiled)  # at most one step ahead on a CPU
             clipped_at_log = np.asarray(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:

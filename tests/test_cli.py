@@ -225,6 +225,29 @@ def test_bench_prints_the_closing_line():
     assert "compile_s=" in result.stdout
 
 
+def test_bench_nanogpt_mode_alternates_rounds_and_ends_with_the_ratio():
+    from conftest import require_parity_libs
+
+    require_parity_libs()
+    result = run_cli("bench.py", "--config", CPU, "--mode", "nanogpt", "--steps", "2",
+                     "--rounds", "3", "--warmup", "1", "--config.model.n_layer=1",
+                     "--config.model.n_embd=32", "--config.model.n_head=2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert sum(line.startswith("round ") for line in lines) == 3
+    assert re.fullmatch(r"nanogpt_ms_per_step=[\d.]+ ms_per_step=[\d.]+ "
+                        r"speedup_vs_nanogpt=\d+\.\d\dx", lines[-1]), lines[-1]
+
+
+def test_bench_nanogpt_mode_refuses_what_nanogpt_cannot_run():
+    result = run_cli("bench.py", "--config", CPU, "--mode", "nanogpt",
+                     "--config.model.activation=relu")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: nanoGPT has no equivalent of this model: activation='relu' (GPT-2's MLP uses "
+        "tanh-GELU)")
+
+
 def test_bench_sample_mode_ends_with_the_speedup():
     result = run_cli("bench.py", "--config", CPU, "--mode", "sample", "--new_tokens", "20",
                      "--prompt_tokens", "8", "--batch_sizes", "1,2", "--config.model.n_layer=1",

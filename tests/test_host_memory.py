@@ -1,4 +1,5 @@
-"""retain_freed_memory: a large buffer freed and allocated again costs no new page faults."""
+"""retain_freed_memory: a large buffer freed and allocated again costs no new page faults;
+StepPacer: how far a CPU loop runs ahead of XLA."""
 
 import os
 import subprocess
@@ -98,3 +99,19 @@ def test_a_bad_glibc_setting_is_a_one_line_error(entry_point):
     assert run.stderr.strip().splitlines() == [
         "error: GPT_JAX_GLIBC_DEFAULTS='yes' is not 0 or 1: set 1 to keep glibc's malloc "
         "defaults, 0 (or unset it) to keep freed memory"]
+
+
+def test_the_pacer_keeps_one_small_step_in_flight():
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax import host_memory
+
+    compiled = jax.jit(lambda x: x + 1).lower(jnp.zeros(4)).compile()
+    pace = host_memory.StepPacer(compiled)
+    waited = []
+    pace._block_until_ready = waited.append
+    for outputs in ("step 1", "step 2", "step 3"):
+        pace(outputs)
+    # Python dispatches step k+1 while step k runs: each call waits for the step before.
+    assert waited == ["step 1", "step 2"]
