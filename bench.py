@@ -9,6 +9,13 @@ random tokens over --vocab_size (65: tiny-shakespeare's characters).
 tokens at batch 1 and 8, with the KV cache and by full recompute (a whole block_size window
 per token, the reference sampler), side by side. It prints compile seconds, first-token latency
 (prefill and first token) and tokens/s, then a last line `speedup_batch1=N.Nx`.
+
+--mode nanogpt times the train step side by side with nanoGPT's (PyTorch eager, same shapes,
+same AdamW and clipping; gpt_jax/torch_nanogpt.py, needs torch) in one process: --rounds
+rounds, each --steps steps of gpt-jax then --steps of nanoGPT, so both see the same machine
+load (and the glibc settings of host_memory.py, which spare PyTorch's large allocations their
+page faults too). It prints each round's ms/step and ratio, then a last line
+`nanogpt_ms_per_step=N ms_per_step=N speedup_vs_nanogpt=N.NNx` (medians over rounds).
 """
 
 import math
