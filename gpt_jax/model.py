@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax.dropout import Dropout
 from gpt_jax.errors import UserError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
@@ -131,7 +132,7 @@ class CausalSelfAttention(nn.Module):
             y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
             y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)),
                              y_BTHK.reshape(B, T, D))
-            return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+            return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
         if positions_BT is None:
             keys, values, kv = k_BTHK, v_BTHK, "bshk"
             visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S): S is T
@@ -142,10 +143,10 @@ class CausalSelfAttention(nn.Module):
         scores_BHTS = jnp.einsum(f"bthk,{kv}->bhts", q_BTHK, keys) / math.sqrt(D // H)
         scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
-        probs_BHTS = nn.Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
+        probs_BHTS = Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
         y_BTHK = jnp.einsum(f"bhts,{kv}->bthk", probs_BHTS, values)
         y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
-        return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+        return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
     def _fused(self, deterministic: bool) -> bool:
         """Whether to use jax.nn.dot_product_attention: on accelerators (auto) or when asked,
@@ -184,7 +185,7 @@ class MLP(nn.Module):
         else:
             h_BTF = nn.relu(h_BTF)
         y_BTD = _on_rows(_dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg)), h_BTF)
-        return nn.Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+        return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -248,7 +249,7 @@ class GPT(nn.Module):
             x_BTD = x_BTD + jnp.take(wpe_SD, positions_BT, axis=0, mode="clip")
         else:
             x_BTD = x_BTD + wpe_SD[:T]
-        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+        x_BTD = Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
         for i in range(cfg.n_layer):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT)
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD).astype(cfg.compute_dtype)
