@@ -12,9 +12,10 @@ per token, the reference sampler), side by side. It prints compile seconds, firs
 
 --mode nanogpt times the train step side by side with nanoGPT's (PyTorch eager, same shapes,
 same AdamW and clipping; gpt_jax/torch_nanogpt.py, needs torch) in one process: --rounds
-rounds, each --steps steps of gpt-jax then --steps of nanoGPT, so both see the same machine
-load (and the glibc settings of host_memory.py, which spare PyTorch's large allocations their
-page faults too). It prints each round's ms/step and ratio, then a last line
+rounds, each --steps steps of gpt-jax and --steps of nanoGPT, in alternating order (gpt-jax
+first in odd rounds, nanoGPT first in even ones), so both see the same machine load (and the
+glibc settings of host_memory.py, which spare PyTorch's large allocations their page faults
+too). It prints each round's ms/step and ratio, then a last line
 `nanogpt_ms_per_step=N ms_per_step=N speedup_vs_nanogpt=N.NNx` (medians over rounds).
 """
 
@@ -165,10 +166,15 @@ def bench_nanogpt(config):
     run_nanogpt(max(_WARMUP.value, 1))
     steps, ours, theirs = _STEPS.value, [], []
     for r in range(_ROUNDS.value):
+        jax_first = r % 2 == 0  # ABBA order: drift within a round favours neither side
+        if not jax_first:
+            theirs.append(1000 * run_nanogpt(steps) / steps)
         ours.append(1000 * run_jax(steps) / steps)
-        theirs.append(1000 * run_nanogpt(steps) / steps)
+        if jax_first:
+            theirs.append(1000 * run_nanogpt(steps) / steps)
         print(f"round {r + 1}: gpt-jax {ours[-1]:6.2f} ms/step | nanoGPT {theirs[-1]:6.2f} "
-              f"ms/step | {theirs[-1] / ours[-1]:.2f}x", flush=True)
+              f"ms/step | {theirs[-1] / ours[-1]:.2f}x "
+              f"({'gpt-jax' if jax_first else 'nanoGPT'} first)", flush=True)
     ratio = float(np.median([t / o for o, t in zip(ours, theirs)]))
     tokens_per_step = config.batch_size * model_cfg.block_size
     print(f"median over {_ROUNDS.value} rounds of {steps} steps: gpt-jax "
