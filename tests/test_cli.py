@@ -250,6 +250,14 @@ def test_bench_nanogpt_mode_refuses_what_nanogpt_cannot_run():
         "tanh-GELU)")
 
 
+def test_a_bad_value_for_a_script_flag_names_that_flag_not_the_config():
+    result = run_cli("bench.py", "--config", CPU, "--mode", "bogus")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: bad value for --mode: value should be one of <train|sample|nanogpt> "
+        "(--help lists the flags)")
+
+
 def test_bench_sample_mode_ends_with_the_speedup():
     result = run_cli("bench.py", "--config", CPU, "--mode", "sample", "--new_tokens", "20",
                      "--prompt_tokens", "8", "--batch_sizes", "1,2", "--config.model.n_layer=1",
