@@ -1,8 +1,10 @@
 """Times the train step of a config: python bench.py --config configs/shakespeare_cpu.py
 
-Prints compile seconds, FLOPs per step (formula and XLA's count), steady-state ms/step and
-MFU, then a last line `tokens_per_sec=N ms_per_step=N mfu=N`. No data is prepared and nothing is written: batches are
-random tokens over --vocab_size (65: tiny-shakespeare's characters).
+The step runs over the config's mesh, as in train.py (all devices unless --config.mesh says
+otherwise). Prints compile seconds, FLOPs per step (formula and XLA's count), steady-state
+ms/step and MFU (against the peak of all the mesh's devices), then a last line
+`tokens_per_sec=N ms_per_step=N mfu=N`. No data is prepared and nothing is written: batches
+are random tokens over --vocab_size (65: tiny-shakespeare's characters).
 
 --mode sample times generation instead (python bench.py --config configs/shakespeare.py
 --mode sample): the config's model with random parameters, a random prompt, --new_tokens new
@@ -71,29 +73,38 @@ def main(argv):
 
 
 def _train_setup(config):
-    """Compiles the config's train step; returns (step, state, batches, model config)."""
+    """Compiles the config's train step over its mesh (as train.py does: all devices unless
+    --config.mesh says otherwise); returns (step, state, batches, model config, (peak FLOP/s, its source))."""
+    import functools
+
     import jax
     import numpy as np
 
     from gpt_jax import config as config_lib
-    from gpt_jax import optim, trainer
+    from gpt_jax import metrics, optim, sharding, trainer
     from gpt_jax.model import GPT
 
     config_lib.validate(config)
     model_cfg = trainer.model_config(config, _VOCAB.value)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
     tx = optim.make_optimizer(config)
-    state = trainer.init_train_state(model_cfg, tx, config.seed)
+    init = functools.partial(trainer.init_train_state, model_cfg, tx, config.seed)
+    shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
+    state = jax.jit(init, out_shardings=shardings)()
     rng = np.random.default_rng(0)
     shape = (config.batch_size, model_cfg.block_size + 1)
     batches = [rng.integers(0, model_cfg.vocab_size, size=shape, dtype=np.int32)
                for _ in range(8)]
-    batches = [(b[:, :-1], b[:, 1:]) for b in batches]
+    batches = [sharding.put_batch((b[:, :-1], b[:, 1:]), mesh, config.batch_size)
+               for b in batches]
     t0 = time.perf_counter()
-    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps,
+    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps, mesh, shardings,
                                    grad_clip=config.grad_clip).lower(state, batches[0]).compile()
-    print(f"backend: {jax.default_backend()} ({jax.device_count()} device(s))")
+    print(f"backend: {jax.default_backend()} ({mesh.size} device(s): "
+          f"data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]})")
     print(f"compile_s={time.perf_counter() - t0:.2f}")
-    return step, state, batches, model_cfg
+    return step, state, batches, model_cfg, metrics.peak_flops(mesh.devices.flat)
 
 
 def _timed_loop(step, state, batches):
@@ -118,13 +129,12 @@ def bench_train(config):
     from gpt_jax import metrics
     from gpt_jax.model import count_params
 
-    step, state, batches, model_cfg = _train_setup(config)
+    step, state, batches, model_cfg, (peak, peak_source) = _train_setup(config)
     tokens_per_step = config.batch_size * model_cfg.block_size
     flops_per_token = metrics.flops_per_token(
         count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
         model_cfg.block_size)
     xla = metrics.xla_flops(step)
-    peak, peak_source = metrics.peak_flops_per_device()
     print(f"FLOPs per step: {flops_per_token * tokens_per_step / 1e9:.2f} G by 6N + 12LDT"
           + (f", {xla / 1e9:.2f} G by XLA's cost analysis" if xla else "")
           + f"; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
@@ -147,9 +157,10 @@ def bench_nanogpt(config):
     model_cfg = trainer.model_config(config, _VOCAB.value)
     model = torch_nanogpt.build(model_cfg, seed=config.seed)  # refuses what nanoGPT lacks
     torch = torch_nanogpt.require_torch()
-    step, state, batches, model_cfg = _train_setup(config)
+    step, state, batches, model_cfg, _ = _train_setup(config)
     optimizer = torch_nanogpt.make_optimizer(model, config)
-    torch_batches = [tuple(torch.from_numpy(a.astype(np.int64)) for a in b) for b in batches]
+    torch_batches = [tuple(torch.from_numpy(np.asarray(a, np.int64)) for a in b)
+                     for b in batches]
     print(f"nanoGPT: PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, "
           f"same shapes, AdamW{' + clipping' if config.grad_clip > 0 else ''}")
 

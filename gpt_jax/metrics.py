@@ -131,7 +131,7 @@ def format_record(record: dict) -> str:
     if "ms_per_step" in record:
         parts.append(f"{record['ms_per_step']:.1f} ms/step")
         parts.append(f"{record['tokens_per_sec']:,.0f} tokens/s")
-    if "mfu" in record:
+    if math.isfinite(record.get("mfu", math.nan)):  # no MFU where the peak is unknown
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     return " | ".join(parts)
 
@@ -174,6 +174,20 @@ def peak_flops_per_device(device=None) -> tuple[float, str]:
     if device.platform == "cpu":
         return cpu_matmul_peak(), "float32 matmul probe"
     return float("nan"), f"unknown peak for {device.device_kind}"
+
+
+def peak_flops(devices) -> tuple[float, str]:
+    """Returns (peak FLOP/s of all these devices together, where the figure comes from).
+
+    Accelerators add up. Simulated CPU devices (--xla_force_host_platform_device_count) share
+    their host's cores, which the probe already measures whole, so CPUs count once per host.
+    """
+    devices = list(devices)
+    peak, source = peak_flops_per_device(devices[0])
+    if devices[0].platform == "cpu":
+        hosts = len({d.process_index for d in devices})
+        return peak * hosts, source + (f", x {hosts} hosts" if hosts > 1 else "")
+    return peak * len(devices), source + (f", x {len(devices)} devices" if len(devices) > 1 else "")
 
 
 @functools.cache

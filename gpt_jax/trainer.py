@@ -372,8 +372,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     flops_per_token = metrics.flops_per_token(
         count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
         model_cfg.block_size)
-    peak, peak_source = metrics.peak_flops_per_device()
-    peak *= jax.device_count()
+    peak, peak_source = metrics.peak_flops(mesh.devices.flat)
     log(_flops_report(K * flops_per_token * tokens_per_step, metrics.xla_flops(compiled),
                       peak, peak_source))
 

@@ -225,6 +225,21 @@ def test_bench_prints_the_closing_line():
     assert "compile_s=" in result.stdout
 
 
+def test_bench_times_the_configs_mesh_like_train():
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    tiny = ["--steps", "2", "--warmup", "1", "--config.model.n_layer=1",
+            "--config.model.n_embd=32", "--config.model.n_head=2", "--config.batch_size=8"]
+    result = run_cli("bench.py", "--config", CPU, *tiny, "--config.mesh.fsdp=4", env=eight)
+    assert result.returncode == 0, result.stderr
+    assert "backend: cpu (8 device(s): data=2 x fsdp=4)" in result.stdout
+    # The eight simulated devices share the host's cores: the probe's peak, counted once.
+    assert "(float32 matmul probe)" in result.stdout
+    odd = run_cli("bench.py", "--config", CPU, *tiny, "--config.batch_size=12", env=eight)
+    assert odd.returncode == 2
+    assert odd.stderr.strip() == ("error: batch_size=12 does not split evenly over 8 device(s) "
+                                  "× 1 micro-batch(es): make it a multiple of 8")
+
+
 def test_bench_nanogpt_mode_alternates_rounds_and_ends_with_the_ratio():
     from conftest import require_parity_libs
 
