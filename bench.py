@@ -74,7 +74,10 @@ def main(argv):
 
 def _train_setup(config):
     """Compiles the config's train step over its mesh (as train.py does: all devices unless
-    --config.mesh says otherwise); returns (step, state, batches, model config, (peak FLOP/s, its source))."""
+    --config.mesh says otherwise).
+
+    Returns (step, state, batches, model config, (peak FLOP/s of the mesh, its source)).
+    """
     import functools
 
     import jax
