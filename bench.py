@@ -78,8 +78,6 @@ def _train_setup(config):
 
     Returns (step, state, batches, model config, (peak FLOP/s of the mesh, its source)).
     """
-    import functools
-
     import jax
     import numpy as np
 
@@ -92,9 +90,8 @@ def _train_setup(config):
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
     tx = optim.make_optimizer(config)
-    init = functools.partial(trainer.init_train_state, model_cfg, tx, config.seed)
-    shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
-    state = jax.jit(init, out_shardings=shardings)()
+    init, shardings = trainer.sharded_init(model_cfg, tx, config.seed, mesh)
+    state = jax.jit(init, out_shardings=shardings)()  # born sharded, as in train.py
     rng = np.random.default_rng(0)
     shape = (config.batch_size, model_cfg.block_size + 1)
     batches = [rng.integers(0, model_cfg.vocab_size, size=shape, dtype=np.int32)

@@ -37,11 +37,12 @@ def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
     except flags.UnrecognizedFlagError as err:
         raise UserError(f"{err}: use --config FILE and --config.FIELD=VALUE") from None
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-        other = re.match(r"flag --(?!config\b)([\w.]+)=.*?: (.*)", _clean(err))
+        text = _clean(err)
+        other = re.match(r"flag --(?!config\b)([\w.]+)=.*?: (.*)", text)
         if other:  # a value for one of the script's own flags, not the config's
             raise UserError(f"bad value for --{other[1]}: {other[2]} (--help lists the flags)"
                             ) from None
-        raise UserError(f"bad --config override: {_clean(err)} (the fields are listed in "
+        raise UserError(f"bad --config override: {text} (the fields are listed in "
                         "gpt_jax/config.py and the README)") from None
     try:
         return _CONFIG.value

@@ -160,13 +160,12 @@ def flops_per_token(n_non_embedding: int, n_layer: int, n_embd: int, block_size:
     return 6 * n_non_embedding + 12 * n_layer * n_embd * block_size
 
 
-def peak_flops_per_device(device=None) -> tuple[float, str]:
+def peak_flops_per_device(device) -> tuple[float, str]:
     """Returns (peak FLOP/s of one device, where the figure comes from).
 
     Accelerators are looked up in PEAK_FLOPS (bf16 dense); a CPU is measured once with a
     float32 matmul probe, since its peak depends on the machine and the cores it may use.
     """
-    device = device or jax.devices()[0]
     kind = device.device_kind.lower()
     for name, peak in PEAK_FLOPS.items():
         if name in kind:
@@ -185,9 +184,10 @@ def peak_flops(devices) -> tuple[float, str]:
     devices = list(devices)
     peak, source = peak_flops_per_device(devices[0])
     if devices[0].platform == "cpu":
-        hosts = len({d.process_index for d in devices})
-        return peak * hosts, source + (f", x {hosts} hosts" if hosts > 1 else "")
-    return peak * len(devices), source + (f", x {len(devices)} devices" if len(devices) > 1 else "")
+        count, unit = len({d.process_index for d in devices}), "hosts"
+    else:
+        count, unit = len(devices), "devices"
+    return peak * count, source + (f", x {count} {unit}" if count > 1 else "")
 
 
 @functools.cache

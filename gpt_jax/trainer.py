@@ -466,6 +466,14 @@ def _lane_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
     return lanes
 
 
+def sharded_init(model_cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh):
+    """Returns (init, shardings): init(params=None) builds the fresh train state, and shardings
+    says where each of its leaves lives on the mesh (jit init with out_shardings=shardings to
+    have it born sharded)."""
+    init = functools.partial(init_train_state, model_cfg, tx, seed)
+    return init, sharding.tree_shardings(jax.eval_shape(init), mesh)
+
+
 def _initial_state(model_cfg, tx, lanes, managers, mesh, resume: bool, pretrained):
     """Returns (start step or None, state, its shardings): restored, imported or fresh.
 
@@ -473,8 +481,7 @@ def _initial_state(model_cfg, tx, lanes, managers, mesh, resume: bool, pretraine
     step they all have.
     """
     if len(lanes) == 1:
-        init = functools.partial(init_train_state, model_cfg, tx, lanes[0].seed)
-        shardings = sharding.tree_shardings(jax.eval_shape(init), mesh)
+        init, shardings = sharded_init(model_cfg, tx, lanes[0].seed, mesh)
         if resume:
             abstract = jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
