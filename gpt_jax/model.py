@@ -10,6 +10,7 @@ import numpy as np
 
 from gpt_jax.dropout import Dropout
 from gpt_jax.errors import UserError
+from gpt_jax.matmul import dense_dot_general
 
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("pre", "post")
@@ -70,6 +71,7 @@ def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02, use_b
         dtype=config.compute_dtype,
         kernel_init=nn.initializers.normal(std),
         bias_init=nn.initializers.zeros,
+        dot_general=dense_dot_general,
         name=name,
     )
 
@@ -84,6 +86,21 @@ def _on_rows(layer, x_BTD: jax.Array) -> jax.Array:
     """
     y_ND = layer(x_BTD.reshape(-1, x_BTD.shape[-1]))
     return y_ND.reshape(*x_BTD.shape[:-1], y_ND.shape[-1])
+
+
+def _attention_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Returns jnp.einsum(spec, a, b), an einsum batched over the leading (batch) axis of both.
+
+    On the CPU it runs as two einsums over the two halves of the batch: XLA:CPU runs each
+    batched matmul on one thread, and smaller batches run faster per FLOP. Measured in-process
+    A/B on the train step: baby GPT 1.03x (9.46 vs 9.70 s/step), CPU recipe 1.01x; four
+    pieces were slower than two. Rows never mix, so the values are the same either way.
+    """
+    n = a.shape[0]
+    if jax.default_backend() != "cpu" or n % 2:
+        return jnp.einsum(spec, a, b)
+    halves = zip(jnp.split(a, 2), jnp.split(b, 2), strict=True)
+    return jnp.concatenate([jnp.einsum(spec, x, y) for x, y in halves])
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
@@ -133,6 +150,7 @@ class CausalSelfAttention(nn.Module):
             y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)),
                              y_BTHK.reshape(B, T, D))
             return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+        einsum = _attention_einsum if positions_BT is None else jnp.einsum
         if positions_BT is None:
             keys, values, kv = k_BTHK, v_BTHK, "bshk"
             visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S): S is T
@@ -140,11 +158,11 @@ class CausalSelfAttention(nn.Module):
             keys, values = self._cached(k_BTHK, v_BTHK, positions_BT)
             kv, S = "bhsk", cfg.block_size
             visible = (jnp.arange(S) <= positions_BT[:, :, None])[:, None]  # (B, 1, T, S)
-        scores_BHTS = jnp.einsum(f"bthk,{kv}->bhts", q_BTHK, keys) / math.sqrt(D // H)
+        scores_BHTS = einsum(f"bthk,{kv}->bhts", q_BTHK, keys) / math.sqrt(D // H)
         scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
         probs_BHTS = Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
-        y_BTHK = jnp.einsum(f"bhts,{kv}->bthk", probs_BHTS, values)
+        y_BTHK = einsum(f"bhts,{kv}->bthk", probs_BHTS, values)
         y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
         return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
 

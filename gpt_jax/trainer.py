@@ -123,7 +123,7 @@ def sharded_value_and_grad(params: PyTree, batch, rng: jax.Array, *, model: GPT,
         loss, grads = _value_and_grad(loss_of_params, params_local, batch_local, rng,
                                       grad_accum_steps=grad_accum_steps, dropout=dropout)
         grads = jax.tree.map(lambda g, s: sharding.reduce_gradient(g, s, mesh), grads, specs)
-        return jax.lax.pmean(loss, sharding.BATCH_AXES), grads
+        return sharding.batch_mean(loss, mesh), grads
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(sharding.BATCH_AXES), P()),
                          out_specs=(P(), specs), check_vma=False)(params, batch, rng)
@@ -199,7 +199,7 @@ def make_eval_step(model: GPT, mesh: Mesh | None = None):
 
         def local(params_local, batch_local):
             full = jax.tree.map(sharding.gather, params_local, specs, is_leaf=_is_spec_leaf)
-            return jax.lax.pmean(loss_fn(full, model, batch_local), sharding.BATCH_AXES)
+            return sharding.batch_mean(loss_fn(full, model, batch_local), mesh)
 
         return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(sharding.BATCH_AXES)),
                              out_specs=P(), check_vma=False)(params, batch)

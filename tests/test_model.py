@@ -203,3 +203,17 @@ def test_decode_mode_has_the_same_parameters_and_a_cache():
     cache = init_cache(TINY, 3)
     assert cache["h_1"]["attn"]["cached_key"].shape == (3, 2, 16, 16)  # (B, H, block_size, K)
     assert cache["index"].tolist() == [0, 0, 0]
+
+
+def test_attention_in_two_halves_equals_one_einsum():
+    from gpt_jax.model import _attention_einsum
+
+    q, k = _tokens((6, 16, 2, 8)).astype(jnp.float32), _tokens((6, 16, 2, 8), seed=1) * 0.1
+    for spec, a, b in (("bthk,bshk->bhts", q, k), ("bhts,bshk->bthk", q.reshape(6, 2, 16, 8)
+                                                   @ k.reshape(6, 2, 8, 16), k)):
+        halves = jax.jit(lambda a, b, s=spec: _attention_einsum(s, a, b))(a, b)
+        whole = jax.jit(lambda a, b, s=spec: jnp.einsum(s, a, b))(a, b)
+        np.testing.assert_array_equal(halves, whole)  # rows never mix: bit for bit
+    odd = _tokens((3, 16, 2, 8)).astype(jnp.float32)
+    np.testing.assert_array_equal(_attention_einsum("bthk,bshk->bhts", odd, odd),
+                                  jnp.einsum("bthk,bshk->bhts", odd, odd))

@@ -135,6 +135,19 @@ def test_batch_that_does_not_split_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_one_device_step_has_no_collectives(tiny_config):
+    # A pmean over a one-device mesh is a no-op that XLA:CPU would still run as an all-reduce.
+    from gpt_jax import optim
+    from gpt_jax.model import GPT
+
+    model_cfg = trainer.model_config(tiny_config, 65)
+    tx = optim.make_optimizer(tiny_config)
+    state = trainer.init_train_state(model_cfg, tx, 0)
+    batch = (np.zeros((8, model_cfg.block_size), np.int32),) * 2
+    hlo = trainer.make_train_step(GPT(model_cfg), tx).lower(state, batch).as_text()
+    assert "all-reduce" not in hlo and "all_reduce" not in hlo
+
+
 def test_train_step_compiles_once_over_a_run(tiny_config, caplog):
     tiny_config.max_steps, tiny_config.eval_interval = 12, 5  # evals, logs and saves between
     jax.config.update("jax_log_compiles", True)
