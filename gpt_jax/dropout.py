@@ -31,17 +31,27 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
     return x1, x2
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+def random_bits(key: jax.Array, shape: tuple[int, ...],
+                start: tuple[int, ...] | None = None,
+                size: tuple[int, ...] | None = None) -> jax.Array | None:
     """Returns jax.random.bits(key, shape, uint32), bit for bit, computed by the unrolled hash;
     None where that identity does not hold (another PRNG implementation, non-partitionable
-    threefry, or 2^32 elements or more)."""
+    threefry, or 2^32 elements or more).
+
+    With `start` and `size`, returns only that window of the array (its elements' counters).
+    """
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32":
             return None
         key = jax.random.key_data(key)
     if not jax.config.jax_threefry_partitionable or math.prod(shape) >= 2**32:
         return None
-    counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    if start is None or tuple(size) == tuple(shape):
+        counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    else:  # each element's row-major index in the whole array
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        counts = sum((jax.lax.broadcasted_iota(jnp.uint32, size, d) + np.uint32(start[d]))
+                     * np.uint32(strides[d]) for d in range(len(shape)))
     bits1, bits2 = threefry2x32(key[0], key[1], jnp.zeros_like(counts), counts)
     return bits1 ^ bits2
 
@@ -53,19 +63,30 @@ class Dropout(nn.Module):
 
     rate: float
 
-    @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        return self.windows([x], x.shape, [(0,) * x.ndim], deterministic)[0]
+
+    def windows(self, xs: list[jax.Array], shape: tuple[int, ...],
+                starts: list[tuple[int, ...]], deterministic: bool) -> list[jax.Array]:
+        """Returns dropout of an array of `shape` of which the xs are windows (xs[i] starting
+        at starts[i]), from one rng: each window's mask is that array's mask, sliced."""
         if deterministic or self.rate == 0.0:
-            return x
+            return list(xs)
         if self.rate == 1.0:  # as nn.Dropout: no x / 0, whose gradient would be NaN
-            return jnp.zeros_like(x)
+            return [jnp.zeros_like(x) for x in xs]
         keep_prob = 1.0 - self.rate
         rng = self.make_rng("dropout")
-        bits = random_bits(rng, x.shape)
-        if bits is None:
-            keep = jax.random.bernoulli(rng, p=keep_prob, shape=x.shape)
-        else:  # jax.random.uniform's float: 23 random mantissa bits under exponent 0, minus 1
-            mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)
-            uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
-            keep = uniform < np.float32(keep_prob)
-        return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+        whole = None  # the fallback's mask of the whole array, drawn once
+        out = []
+        for x, start in zip(xs, starts, strict=True):
+            bits = random_bits(rng, shape, start, x.shape)
+            if bits is None:
+                if whole is None:
+                    whole = jax.random.bernoulli(rng, p=keep_prob, shape=shape)
+                keep = jax.lax.dynamic_slice(whole, start, x.shape)
+            else:  # jax.random.uniform's float: 23 random mantissa bits under exponent 0, - 1
+                mantissa = (bits >> np.uint32(9)) | np.uint32(0x3F800000)
+                uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+                keep = uniform < np.float32(keep_prob)
+            out.append(jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x)))
+        return out

@@ -103,6 +103,18 @@ def _attention_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.einsum(spec, x, y) for x, y in halves])
 
 
+ATTENTION_BLOCK = 128  # query/key block of the CPU's causal attention (see _causal)
+
+
+def query_blocks(T: int) -> int:
+    """Returns how many blocks of queries causal attention over T positions goes in: blocks of
+    ATTENTION_BLOCK on the CPU when T is a multiple of it and at least twice it, else one.
+    Measured at T = 256; blocks of 64 were slower (0.91x against blocks of 128)."""
+    if jax.default_backend() != "cpu" or T % ATTENTION_BLOCK or T < 2 * ATTENTION_BLOCK:
+        return 1
+    return T // ATTENTION_BLOCK
+
+
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
     # GPT-2 uses eps 1e-5 (PyTorch's default), not Flax's 1e-6.
     return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=jnp.float32, name=name)
@@ -150,21 +162,51 @@ class CausalSelfAttention(nn.Module):
             y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)),
                              y_BTHK.reshape(B, T, D))
             return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
-        einsum = _attention_einsum if positions_BT is None else jnp.einsum
         if positions_BT is None:
-            keys, values, kv = k_BTHK, v_BTHK, "bshk"
-            visible = jnp.tril(jnp.ones((T, T), dtype=bool))  # (T, S): S is T
+            y_BTHK = self._causal(q_BTHK, k_BTHK, v_BTHK, deterministic)
         else:
             keys, values = self._cached(k_BTHK, v_BTHK, positions_BT)
-            kv, S = "bhsk", cfg.block_size
-            visible = (jnp.arange(S) <= positions_BT[:, :, None])[:, None]  # (B, 1, T, S)
-        scores_BHTS = einsum(f"bthk,{kv}->bhts", q_BTHK, keys) / math.sqrt(D // H)
-        scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
-        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
-        probs_BHTS = Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
-        y_BTHK = einsum(f"bhts,{kv}->bthk", probs_BHTS, values)
+            visible = (jnp.arange(cfg.block_size) <= positions_BT[:, :, None])[:, None]  # BHTS
+            scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, keys) / math.sqrt(D // H)
+            scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
+            probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype)
+            probs_BHTS = Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
+            y_BTHK = jnp.einsum("bhts,bhsk->bthk", probs_BHTS, values)
         y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
         return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+
+    def _causal(self, q_BTHK, k_BTHK, v_BTHK, deterministic: bool) -> jax.Array:
+        """Returns causal softmax attention, (B, T, H, K): each position attends to itself and
+        the positions before it.
+
+        The queries go in n = query_blocks(T) blocks, and block i scores only the key blocks
+        0..i: the blocks above the diagonal are masked whole, so on the baby GPT (T = 256,
+        two blocks) a quarter of the attention matmuls is skipped (train step 1.16x on 2 CPU
+        cores). Each row's softmax spans the same keys as the whole (T, T) matrix would, and
+        dropout draws that matrix's masks, sliced.
+        """
+        cfg = self.config
+        B, T, H, K = q_BTHK.shape
+        n = query_blocks(T)
+        Tb = T // n
+        qs, ks, vs = (jnp.split(a, n, axis=1) for a in (q_BTHK, k_BTHK, v_BTHK))
+        probs = []
+        for i in range(n):
+            scores_BHTS = jnp.concatenate([_attention_einsum("bthk,bshk->bhts", qs[i], k)
+                                           for k in ks[:i + 1]], axis=-1) / math.sqrt(K)
+            visible = jnp.arange((i + 1) * Tb)[None, :] <= (i * Tb + jnp.arange(Tb))[:, None]
+            scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
+            probs.append(jax.nn.softmax(scores_BHTS, axis=-1).astype(cfg.compute_dtype))
+        probs = Dropout(cfg.dropout).windows(probs, (B, H, T, T),
+                                             [(0, 0, i * Tb, 0) for i in range(n)], deterministic)
+        ys = []
+        for i, probs_BHTS in enumerate(probs):
+            parts = jnp.split(probs_BHTS, i + 1, axis=-1)
+            y_BTHK = _attention_einsum("bhts,bshk->bthk", parts[0], vs[0])
+            for p_BHTS, v_BTHK in zip(parts[1:], vs[1:i + 1], strict=True):
+                y_BTHK = y_BTHK + _attention_einsum("bhts,bshk->bthk", p_BHTS, v_BTHK)
+            ys.append(y_BTHK)
+        return ys[0] if n == 1 else jnp.concatenate(ys, axis=1)
 
     def _fused(self, deterministic: bool) -> bool:
         """Whether to use jax.nn.dot_product_attention: on accelerators (auto) or when asked,

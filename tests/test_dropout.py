@@ -58,3 +58,24 @@ def test_deterministic_and_rate_zero_pass_through():
     x = jnp.arange(6.0)
     assert dropout.Dropout(0.5).apply({}, x, deterministic=True) is x
     assert dropout.Dropout(0.0).apply({}, x, deterministic=False) is x
+
+
+@pytest.mark.parametrize("key", [KEYS["raw"], KEYS["typed"], jax.random.key(0, impl="rbg")],
+                         ids=["raw", "typed", "rbg fallback"])
+def test_windows_are_the_whole_arrays_mask_sliced(key):
+    shape = (2, 3, 8, 8)  # e.g. (B, H, T, S): two query blocks of 4 rows, keys up to their end
+    x = jax.random.normal(jax.random.PRNGKey(2), shape)
+    whole = nn.Dropout(0.3).apply({}, x, deterministic=False, rngs={"dropout": key})
+    starts, parts = [(0, 0, 0, 0), (0, 0, 4, 0)], [x[:, :, :4, :4], x[:, :, 4:, :]]
+    ours = jax.jit(lambda x0, x1, k: dropout.Dropout(0.3).apply(
+        {}, [x0, x1], shape, starts, False, rngs={"dropout": k},
+        method=dropout.Dropout.windows))(*parts, key)
+    np.testing.assert_array_equal(ours[0], whole[:, :, :4, :4])
+    np.testing.assert_array_equal(ours[1], whole[:, :, 4:, :])
+
+
+def test_random_bits_of_a_window_are_that_window_of_the_bits():
+    shape, start, size = (3, 5, 7), (1, 2, 3), (2, 3, 4)
+    ours = dropout.random_bits(KEYS["raw"], shape, start, size)
+    whole = jax.random.bits(KEYS["raw"], shape, jnp.uint32)
+    np.testing.assert_array_equal(ours, whole[1:3, 2:5, 3:7])

@@ -217,3 +217,33 @@ def test_attention_in_two_halves_equals_one_einsum():
     odd = _tokens((3, 16, 2, 8)).astype(jnp.float32)
     np.testing.assert_array_equal(_attention_einsum("bthk,bshk->bhts", odd, odd),
                                   jnp.einsum("bthk,bshk->bhts", odd, odd))
+
+
+def test_query_blocks():
+    from gpt_jax.model import query_blocks
+
+    assert [query_blocks(t) for t in (64, 128, 200, 256, 384, 1024)] == [1, 1, 1, 2, 3, 8]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_blocked_causal_attention_equals_one_block(monkeypatch, dropout):
+    from gpt_jax import model as model_lib
+
+    cfg = GPTConfig(vocab_size=50, block_size=256, n_layer=1, n_head=2, n_embd=16,
+                    dropout=dropout)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    idx = _tokens((2, 256))
+
+    def loss_and_grads():
+        def loss(p):
+            logits = GPT(cfg).apply({"params": p}, idx, rngs={"dropout": jax.random.PRNGKey(3)})
+            return (logits ** 2).mean()
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    assert model_lib.query_blocks(256) == 2
+    blocked = loss_and_grads()
+    monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", 256)  # one block: the whole (T, T)
+    assert model_lib.query_blocks(256) == 1
+    whole = loss_and_grads()
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
