@@ -38,7 +38,8 @@ def random_bits(key: jax.Array, shape: tuple[int, ...],
     None where that identity does not hold (another PRNG implementation, non-partitionable
     threefry, or 2^32 elements or more).
 
-    With `start` and `size`, returns only that window of the array (its elements' counters).
+    With `start` and `size` (given together), returns only that window of the array: the
+    bits of its elements' counters.
     """
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32":

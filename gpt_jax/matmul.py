@@ -1,4 +1,4 @@
-"""The dense layers' matmul, with a backward that multiplies each weight gradient the fast way round.
+"""The dense layers' matmul, with a backward that takes each weight gradient the fast way round.
 
 A Dense layer's weight gradient is x^T @ dy, a matmul contracting over the B*T rows. XLA:CPU
 has no library kernel for a transposed left operand, so it runs Eigen's, which is markedly
@@ -36,7 +36,7 @@ def _matmul_bwd(residuals, dy_NF):
         dw_DF = jax.lax.optimization_barrier(dy_NF.T @ x_ND).T
     else:
         dw_DF = x_ND.T @ dy_NF
-    return dx_ND, dw_DF.astype(w_DF.dtype)
+    return dx_ND, dw_DF
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -52,4 +52,3 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
         return _matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
-

@@ -62,7 +62,8 @@ def test_dense_layer_gradients_in_bfloat16_and_under_vmap():
     params = plain.init(jax.random.PRNGKey(2), x[0])
 
     def grads(module):
-        loss = lambda p, xi: jnp.sum(module.apply(p, xi).astype(jnp.float32) ** 2)
+        def loss(p, xi):
+            return jnp.sum(module.apply(p, xi).astype(jnp.float32) ** 2)
         return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, x)
 
     ours, ref = grads(layer), grads(plain)
