@@ -2,6 +2,7 @@
 
 import os
 import re
+import sys
 
 import ml_collections
 from absl import flags
@@ -27,6 +28,19 @@ def parse_config(argv: list[str]) -> ml_collections.ConfigDict:
 
     Raises UserError with one line for a missing file, an unknown field or a wrong type.
     """
+    # ml_collections reads the --config.FIELD overrides from sys.argv, not from FLAGS(argv):
+    # parse `argv` as if it were the command line, so that a caller (a test, a sweep) may
+    # parse several in one process.
+    saved_argv, sys.argv = sys.argv, list(argv)
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+        delattr(FLAGS, name)  # the previous parse's overrides, defined for its config file
+    try:
+        return _parse_config(argv)
+    finally:
+        sys.argv = saved_argv
+
+
+def _parse_config(argv: list[str]) -> ml_collections.ConfigDict:
     filename = _config_filename(argv)
     if filename is None:
         raise UserError("no config given: pass --config configs/shakespeare.py")

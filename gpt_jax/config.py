@@ -3,6 +3,7 @@
 import ml_collections
 
 from gpt_jax.errors import UserError
+from gpt_jax.model import GPTConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -120,14 +121,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.lr_schedule == "inverse_sqrt" and config.warmup_steps < 1:
         raise UserError("lr_schedule=inverse_sqrt needs warmup_steps >= 1 (it decays as "
                         "sqrt(warmup_steps / step)): set --config.warmup_steps")
-    decay = config.decay_steps or config.max_steps
-    if config.lr_schedule == "cosine" and config.warmup_steps > decay:
-        raise UserError(
-            f"warmup_steps={config.warmup_steps} is longer than the decay ({decay} steps): "
-            "lower --config.warmup_steps or raise --config.decay_steps"
-        )
     if config.model.dtype not in COMPUTE_DTYPES:
         raise UserError(f"model.dtype={config.model.dtype!r} is unknown: use one of "
                         f"{', '.join(COMPUTE_DTYPES)}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}")
+    # The model's own checks (sizes, n_embd divisible by n_head, known switches) run here too,
+    # before the corpus is read, so that its error is the first one a user sees.
+    GPTConfig(vocab_size=1, **config.model.to_dict())

@@ -1,9 +1,11 @@
 """The loss, the per-step records (stdout, metrics.jsonl, TensorBoard), FLOPs and MFU."""
 
+import contextlib
 import functools
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -17,7 +19,68 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
         logits_BTV.astype(jnp.float32), targets_BT).mean()
 
 
-TIMING_KEYS = ("ms_per_step", "tokens_per_sec", "mfu", "elapsed_s")
+# Wall-clock figures: they go to timing.jsonl, so that metrics.jsonl stays reproducible.
+TIMING_KEYS = ("ms_per_step", "tokens_per_sec", "mfu", "elapsed_s", "eval_s", "save_s", "eta_s")
+
+
+class LoopClock:
+    """The training loop's wall clock, split into steps, evaluations and checkpoint saves.
+
+    `lap()` ends one logged interval and starts the next at the same instant, so the intervals
+    tile the loop's time with no gap: whatever runs at a log line (building and writing the
+    record, fetching norms) counts in the next interval. Evaluations and saves run `aside()`
+    and are subtracted from the interval they fall in; their seconds are logged on their own.
+    """
+
+    def __init__(self):
+        self.start = self._mark = time.perf_counter()
+        self._aside = 0.0  # seconds of evaluations and saves since the last lap
+        self.totals = {"eval_s": 0.0, "save_s": 0.0}
+
+    @contextlib.contextmanager
+    def aside(self, key: str, into: dict) -> Iterator[None]:
+        """Times the block as `key` ("eval_s" or "save_s"), added to `into[key]`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            self._aside += seconds
+            self.totals[key] += seconds
+            into[key] = into.get(key, 0.0) + seconds
+
+    def lap(self) -> float:
+        """Returns the seconds of steps since the last lap (evaluations and saves left out)."""
+        now = time.perf_counter()
+        seconds, self._mark, self._aside = now - self._mark - self._aside, now, 0.0
+        return seconds
+
+    def elapsed(self) -> float:
+        """Returns the seconds since the loop started."""
+        return time.perf_counter() - self.start
+
+
+def step_timing(seconds: float, steps: int, steps_left: int, tokens_per_step: int,
+                flops_per_token: float, peak: float, eval_s: float, evals_left: int) -> dict:
+    """Returns the wall-clock part of a record: ms/step, tokens/s, MFU and the time left.
+
+    The time left (eta_s) is the steps left at this interval's pace plus the evaluations
+    left at the last evaluation's length.
+    """
+    tokens_per_sec = tokens_per_step * steps / seconds
+    return {"ms_per_step": 1000 * seconds / steps, "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * flops_per_token / peak,
+            "eta_s": steps_left * seconds / steps + evals_left * eval_s}
+
+
+def format_duration(seconds: float) -> str:
+    """Returns seconds as a short duration: 42s, 3m05s, 7h02m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class _JsonLines:
@@ -133,6 +196,12 @@ def format_record(record: dict) -> str:
         parts.append(f"{record['tokens_per_sec']:,.0f} tokens/s")
     if math.isfinite(record.get("mfu", math.nan)):  # no MFU where the peak is unknown
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "eval_s" in record:
+        parts.append(f"eval {record['eval_s']:.1f} s")
+    if "save_s" in record:
+        parts.append(f"save {record['save_s']:.2f} s")
+    if "eta_s" in record:
+        parts.append(f"eta {format_duration(record['eta_s'])}")
     return " | ".join(parts)
 
 

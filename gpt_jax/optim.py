@@ -4,7 +4,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+
+def decay_steps(config) -> int:
+    """Returns the step at which the cosine reaches min_lr: decay_steps, or 0 for max_steps."""
+    return config.decay_steps or config.max_steps
+
+
+def warmup_steps(config) -> int:
+    """Returns the warmup the schedule uses: warmup_steps, shortened when it does not fit.
+
+    A cosine warmup must end before the decay does; when warmup_steps is too long for it (a
+    short run of a recipe, e.g. --config.max_steps=60 with 100 warmup steps), the warmup
+    takes the first half of the decay instead, so the run still warms up and then anneals
+    to min_lr. The other schedules keep their warmup whatever the run's length.
+    """
+    decay = decay_steps(config)
+    if config.get("lr_schedule", "cosine") == "cosine" and config.warmup_steps >= decay:
+        return decay // 2
+    return config.warmup_steps
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -15,12 +32,12 @@ def lr_schedule(config) -> optax.Schedule:
     constant: learning_rate. `step` counts optimizer updates done; update number k (1-based)
     uses lr(k), so the first update already moves the weights.
     """
-    peak, warmup = config.learning_rate, config.warmup_steps
+    peak, warmup = config.learning_rate, warmup_steps(config)
     kind = config.get("lr_schedule", "cosine")
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=peak, warmup_steps=warmup,
-            decay_steps=config.decay_steps or config.max_steps, end_value=config.min_lr)
+            decay_steps=decay_steps(config), end_value=config.min_lr)
     if kind == "inverse_sqrt":
         decay = lambda count: peak * jnp.sqrt(warmup / jnp.maximum(count + warmup, 1))
     else:

@@ -277,6 +277,12 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+def warn(message: str) -> None:
+    """Prints a one-line notice on standard error (from process 0 only)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     """Trains (or resumes) the run that `config` describes; returns the last eval record.
 
@@ -318,6 +324,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if K > 1 and mesh.size > 1:
         raise UserError(f"vmap_seeds={K} trains the seeds on one device; this run has "
                         f"{mesh.size}: use --config.vmap_seeds=1, or one device")
+    if optim.warmup_steps(config) != config.warmup_steps:
+        warn(f"note: warmup_steps={config.warmup_steps} does not fit in the "
+             f"{optim.decay_steps(config)}-step decay; warming up over "
+             f"{optim.warmup_steps(config)} steps (half of it) instead")
     managers = [checkpoint.make_manager(c.out_dir, keep=c.keep_checkpoints) for c in lanes]
     model = GPT(model_cfg)
     tx = optim.make_optimizer(config)
@@ -358,10 +368,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     def lane(tree, k):
         return tree if K == 1 else jax.tree.map(lambda x: x[k], tree)
 
-    def save(step):
-        for k, (c, manager) in enumerate(zip(lanes, managers, strict=True)):
-            _check_finite(lane(state, k), c)  # never save after a non-finite step
-            checkpoint.save(manager, step, lane(state, k), c.to_dict(), tokenizer_table)
+    def save(step, k):
+        _check_finite(lane(state, k), lanes[k])  # never save after a non-finite step
+        checkpoint.save(managers[k], step, lane(state, k), lanes[k].to_dict(), tokenizer_table)
 
     t0 = time.perf_counter()
     with _CacheHits() as hits:
@@ -376,9 +385,16 @@ def run(config: ml_collections.ConfigDict) -> dict:
     log(_flops_report(K * flops_per_token * tokens_per_step, metrics.xla_flops(compiled),
                       peak, peak_source))
 
-    def evaluate(step: int, k: int) -> dict:
-        losses = estimate_loss(eval_step, lane(state.params, k), dataset, lanes[k], step, mesh)
-        return {"eval_train_loss": losses["train"], "val_loss": losses["val"]}
+    def evaluate(step: int, k: int, record: dict) -> None:
+        # Say what is coming before an evaluation that may take a while: the first one (its
+        # length is unknown; on a CPU the baby GPT's takes a minute) and any after a long one.
+        if k == 0 and (eval_round_s is None or eval_round_s >= LONG_EVAL_S):
+            log(f"evaluating {config.eval_iters} batches of train and val"
+                + (f" for each of {K} seeds" if K > 1 else "") + "...")
+        with clock.aside("eval_s", record):
+            losses = estimate_loss(eval_step, lane(state.params, k), dataset, lanes[k], step,
+                                   mesh)
+        record.update(eval_train_loss=losses["train"], val_loss=losses["val"])
 
     def emit(k: int, record: dict) -> None:
         writers[k].write(record)
@@ -391,21 +407,30 @@ def run(config: ml_collections.ConfigDict) -> dict:
     bar_on = config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
     bar = tqdm.tqdm(total=config.max_steps, initial=start, unit="step", disable=not bar_on,
                     dynamic_ncols=True)
-    t_run = time.perf_counter()
+    clock = metrics.LoopClock()
     elapsed_before = [_elapsed_before(c.out_dir, start) for c in lanes]
+    eval_steps = {s for s in range(start + 1, config.max_steps + 1)
+                  if s % config.eval_interval == 0} | {config.max_steps}
+    saves = [{} for _ in lanes]  # save seconds since each lane's last record
+    eval_round_s = None  # how long the last evaluation (of every seed) took
     try:
         with _StopRequests() as stop:
             if start == 0:
                 for k in range(K):
-                    last_eval = {"step": 0, "lr": float(schedule(0)), **evaluate(0, k)}
-                    emit(k, dict(last_eval, train_loss=last_eval["eval_train_loss"]))
-            t_last, steps_since_log = time.perf_counter(), 0
+                    record = {"step": 0, "lr": float(schedule(0))}
+                    evaluate(0, k, record)
+                    last_eval = {key: record[key] for key in EVAL_KEYS}
+                    emit(k, dict(record, train_loss=record["eval_train_loss"],
+                                 elapsed_s=clock.elapsed()))
+                eval_round_s = clock.totals["eval_s"]
+            steps_since_log = 0
             pace = host_memory.StepPacer(compiled)  # at most one step ahead on a CPU
             clipped_at_log = np.asarray(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:
                     if step > start:
-                        save(step)
+                        for k in range(K):
+                            save(step, k)
                     for manager in managers:
                         manager.wait_until_finished()
                     raise TrainingStopped(
@@ -419,34 +444,67 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 steps_since_log += 1
 
                 is_last = step == config.max_steps
-                is_eval = step % config.eval_interval == 0 or is_last
+                if step % config.checkpoint_interval == 0 or is_last:
+                    for k in range(K):  # the blocking part of the save; the writing is async
+                        with clock.aside("save_s", saves[k]):
+                            save(step, k)
+                is_eval = step in eval_steps
                 if step % config.log_interval == 0 or is_eval:
                     jax.block_until_ready(step_metrics)  # the interval ends when its work does
-                    now = time.perf_counter()
+                    seconds = clock.lap()
+                    elapsed = clock.elapsed()
+                    evals_left = sum(s > step for s in eval_steps)
+                    evals_before = clock.totals["eval_s"]
                     for k in range(K):
                         record = _step_record(step, lane(step_metrics, k), lane(state, k),
                                               lanes[k], schedule,
                                               int(lane(clipped_at_log, k)), steps_since_log)
-                        record.update(_timing(now - t_last, now - t_run + elapsed_before[k],
-                                              steps_since_log, tokens_per_step,
-                                              flops_per_token, peak / K))
+                        record.update(metrics.step_timing(
+                            seconds, steps_since_log, config.max_steps - step,
+                            tokens_per_step, flops_per_token, peak / K,
+                            eval_s=eval_round_s or 0.0, evals_left=evals_left),
+                            elapsed_s=elapsed + elapsed_before[k], **saves[k])
+                        saves[k] = {}
                         if is_eval:
-                            last_eval = {"step": step, "lr": record["lr"], **evaluate(step, k)}
-                            record.update(last_eval)
+                            evaluate(step, k, record)
+                            last_eval = {key: record[key] for key in EVAL_KEYS}
                         emit(k, record)
+                    if is_eval:
+                        eval_round_s = clock.totals["eval_s"] - evals_before
+                    if step - steps_since_log == start:  # the first interval of this process
+                        _suggest_cpu_recipe(record["eta_s"])
                     bar.set_postfix(loss=f"{record['train_loss']:.4f}", refresh=False)
                     clipped_at_log = np.asarray(state.clipped_steps)
-                    t_last, steps_since_log = time.perf_counter(), 0
+                    steps_since_log = 0
                 bar.update(1)
-                if step % config.checkpoint_interval == 0 or is_last:
-                    save(step)
+            loop_s, aside = clock.elapsed(), dict(clock.totals)
     finally:
         bar.close()
-        for manager, writer in zip(managers, writers, strict=True):
-            manager.wait_until_finished()
-            manager.close()
-            writer.close()
+        finishing = {}
+        with clock.aside("save_s", finishing):  # the last checkpoint's files are written
+            for manager, writer in zip(managers, writers, strict=True):
+                manager.wait_until_finished()
+                manager.close()
+                writer.close()
+    log(f"trained {step - start} steps in {loop_s:.2f} s ({metrics.format_duration(loop_s)}): "
+        f"{loop_s - sum(aside.values()):.2f} s of steps, {aside['eval_s']:.2f} s evaluating, "
+        f"{aside['save_s']:.2f} s saving; the last checkpoint's writes took another "
+        f"{finishing['save_s']:.2f} s")
     return last_eval
+
+
+# An evaluation this long (all seeds) is announced before the next one starts.
+LONG_EVAL_S = 5.0
+EVAL_KEYS = ("step", "lr", "eval_train_loss", "val_loss")  # what run() returns
+SLOW_RUN_S = 3600  # a CPU run with more left than this is pointed at the CPU recipe
+
+
+def _suggest_cpu_recipe(eta_s: float) -> None:
+    """Points a CPU run that will take hours at the CPU recipe (once, after its first interval)."""
+    if jax.default_backend() == "cpu" and eta_s > SLOW_RUN_S:
+        warn(f"note: at this pace the run needs about {metrics.format_duration(eta_s)} more on "
+             "this CPU; for a CPU try python train.py --config configs/shakespeare_cpu.py "
+             "(nanoGPT's CPU recipe, about a minute on 2 cores)")
 
 
 def _lane_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
@@ -521,14 +579,6 @@ def _step_record(step: int, step_metrics: dict, state: TrainState, config, sched
     if config.skip_nonfinite:
         record["skipped_steps"] = skipped
     return record
-
-
-def _timing(seconds: float, elapsed: float, steps: int, tokens_per_step: int,
-            flops_per_token: float, peak: float) -> dict:
-    """Returns the wall-clock part of a record: ms/step, tokens/s, MFU, run time so far."""
-    tokens_per_sec = tokens_per_step * steps / seconds
-    return {"ms_per_step": 1000 * seconds / steps, "tokens_per_sec": tokens_per_sec,
-            "mfu": tokens_per_sec * flops_per_token / peak, "elapsed_s": elapsed}
 
 
 def _elapsed_before(out_dir, start: int) -> float:

@@ -39,35 +39,6 @@ def test_greedy_sampling_is_reproducible(trained):
     assert first.returncode == 0 and first.stdout == second.stdout
 
 
-def _corpus(tmp_path, content: bytes):
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(content)
-    return f"--config.data.path={path}"
-
-
-BAD_TRAIN = {
-    "empty corpus": (lambda t: [_corpus(t, b"")], "is empty"),
-    "short corpus": (lambda t: [_corpus(t, b"abcdefghij" * 5)], "lower --config.model.block_size"),
-    "not utf-8": (lambda t: [_corpus(t, b"caf\xe9" * 100)], "is not UTF-8 text"),
-    "unknown key": (lambda t: ["--config.model.n_lyer=2"], "did you mean 'n_layer'"),
-    "wrong type": (lambda t: ["--config.model.n_layer=two"], "invalid literal for int"),
-    "heads": (lambda t: ["--config.model.n_head=3"], "not divisible by model.n_head=3"),
-    "missing path": (lambda t: [f"--config.data.path={t}/nope.txt"], "does not exist"),
-    "no such config": (lambda t: ["--config=configs/nope.py"], "configs/nope.py does not exist"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_TRAIN))
-def test_bad_train_input_is_one_line(case, tmp_path):
-    make_args, message = BAD_TRAIN[case]
-    args = make_args(tmp_path)
-    config = [a for a in args if a.startswith("--config=")] or ["--config", CPU]
-    overrides = [a for a in args if not a.startswith("--config=")]
-    result = run_cli("train.py", *config, *tiny_flags(tmp_path / "run"), *overrides)
-    _assert_one_line_error(result, message)
-    assert not (tmp_path / "run" / "checkpoints").exists()
-
-
 BAD_SAMPLE = {
     "missing checkpoint": (["--checkpoint", "{tmp}/nope"], "does not exist"),
     "empty out_dir": (["--checkpoint", "{tmp}"], "holds no checkpoint"),

@@ -69,3 +69,21 @@ def test_other_schedules_warm_up_then_follow_their_rule(kind, at_400):
     assert float(s(0)) == 0.0 and float(s(50)) == pytest.approx(5e-4, rel=1e-6)
     assert float(s(100)) == pytest.approx(1e-3)
     assert float(s(400)) == pytest.approx(at_400, rel=1e-6)  # sqrt(100 / 400) = 0.5
+
+
+@pytest.mark.parametrize("max_steps, warmup", [(1, 0), (5, 2), (60, 30), (100, 50), (101, 100),
+                                               (2000, 100)])
+def test_a_warmup_longer_than_the_run_takes_half_of_it(max_steps, warmup):
+    config = get_config()  # 100 warmup steps
+    config.max_steps = max_steps
+    assert optim.warmup_steps(config) == warmup
+    s = optim.lr_schedule(config)
+    assert float(s(max_steps)) == pytest.approx(1e-4)  # it still anneals to min_lr
+    lrs = [float(s(k)) for k in range(1, max_steps + 1)]
+    assert max(lrs) <= 1e-3 * (1 + 1e-6) and all(lr > 0 for lr in lrs)
+
+
+def test_other_schedules_keep_a_long_warmup():
+    config = get_config()
+    config.lr_schedule, config.max_steps = "constant", 60
+    assert optim.warmup_steps(config) == 100

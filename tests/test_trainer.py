@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -242,3 +243,66 @@ def test_vmap_seeds_train_like_separate_runs_and_resume(tiny_config, tmp_path):
         assert step == 20
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), params, alone)
     assert separate[1337][-1]["train_loss"] != separate[1338][-1]["train_loss"]
+
+
+def _recipe(name: str, out_dir, max_steps: int):
+    """Returns a recipe as a user runs it for a quick try: only max_steps changed, with the
+    model shrunk so that the test stays fast (the schedule, 100 warmup steps, is the recipe's)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.max_steps, config.out_dir = max_steps, str(out_dir)
+    config.model.update(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    config.update(batch_size=4, eval_iters=2, checkpoint_interval=max(1, max_steps // 2))
+    return config
+
+
+@pytest.mark.parametrize("recipe", ["shakespeare_cpu", "shakespeare"])
+@pytest.mark.parametrize("max_steps", [1, 5, 60])
+def test_runs_shorter_than_the_warmup_train_checkpoint_and_resume(recipe, max_steps, tmp_path,
+                                                                  capsys):
+    straight = _recipe(recipe, tmp_path / "straight", max_steps)
+    last = trainer.run(straight)
+    err = capsys.readouterr().err
+    assert f"warming up over {max_steps // 2} steps" in err and err.count("\n") == 1
+    assert last["step"] == max_steps and np.isfinite(last["val_loss"])
+    manager = checkpoint.open_for_reading(straight.out_dir)
+    assert manager.latest_step() == max_steps
+    # Resume: drop the newest checkpoint, as if the run had died after the one before it.
+    resumed = _recipe(recipe, tmp_path / "resumed", max_steps)
+    import shutil
+    shutil.copytree(straight.out_dir, resumed.out_dir)
+    shutil.rmtree(checkpoint.checkpoint_dir(resumed.out_dir) / str(max_steps))
+    trainer.run(resumed)
+    kept = (max_steps - 1) // straight.checkpoint_interval * straight.checkpoint_interval
+    if kept:
+        assert f"resuming from step {kept}" in capsys.readouterr().out
+    jax.tree.map(np.testing.assert_array_equal, _params(straight.out_dir, max_steps),
+                 _params(resumed.out_dir, max_steps))
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "straight" / "metrics.jsonl").read_bytes()
+
+
+def test_logged_intervals_evals_and_saves_add_up_to_the_loop_time(tiny_config, capsys):
+    tiny_config.update(log_interval=1, checkpoint_interval=5, eval_interval=10)
+    trainer.run(tiny_config)
+    out = capsys.readouterr().out
+    loop_s = float(re.search(r"trained 20 steps in ([\d.]+) s", out)[1])
+    records = metrics_lib.read_records(tiny_config.out_dir)
+    steps = [r["step"] for r in records]
+    assert steps == list(range(21))
+    stepping = sum(r["ms_per_step"] / 1000 for r in records[1:])  # one step per record
+    aside = sum(r.get("eval_s", 0.0) + r.get("save_s", 0.0) for r in records)
+    assert [s for s in steps if "save_s" in records[s]] == [5, 10, 15, 20]
+    assert [s for s in steps if "eval_s" in records[s]] == [0, 10, 20]
+    assert abs(stepping + aside - loop_s) <= 0.02 * loop_s, (stepping, aside, loop_s)
+    assert records[-1]["eta_s"] == 0.0 and records[1]["eta_s"] > 0
+    assert "evaluating 2 batches of train and val..." in out
+    assert re.search(r"step 10 \| .* \| eval [\d.]+ s \| save [\d.]+ s \| eta \w+", out)
+
+
+def test_a_cpu_run_of_hours_points_at_the_cpu_recipe(tiny_config, capsys, monkeypatch):
+    monkeypatch.setattr(trainer, "SLOW_RUN_S", 0.0)
+    trainer.run(tiny_config)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "configs/shakespeare_cpu.py" in err[0]
