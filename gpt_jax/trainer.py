@@ -445,7 +445,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
                 is_last = step == config.max_steps
                 if step % config.checkpoint_interval == 0 or is_last:
-                    for k in range(K):  # the blocking part of the save; the writing is async
+                    jax.block_until_ready(state)  # the step's own time is not the save's
+                    for k in range(K):  # the files are written in the background (orbax)
                         with clock.aside("save_s", saves[k]):
                             save(step, k)
                 is_eval = step in eval_steps
