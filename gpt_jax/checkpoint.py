@@ -22,8 +22,13 @@ def checkpoint_dir(out_dir) -> Path:
 
 
 def make_manager(out_dir, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    """Returns a manager over OUT_DIR/checkpoints keeping the newest `keep` checkpoints."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    """Returns a manager over OUT_DIR/checkpoints keeping the newest `keep` checkpoints.
+
+    Saves are asynchronous: `save` returns once orbax holds the arrays, the files are written
+    in the background, and the next save (or `wait_until_finished`) waits for them.
+    """
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=True)
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=options,
                                  item_names=("state", "config", "tokenizer"))
 
