@@ -278,9 +278,9 @@ def log(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """Prints a one-line notice on standard error (from process 0 only)."""
+    """Prints a one-line notice on standard error, above a progress bar (from process 0)."""
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        tqdm.tqdm.write(message, file=sys.stderr)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -324,10 +324,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if K > 1 and mesh.size > 1:
         raise UserError(f"vmap_seeds={K} trains the seeds on one device; this run has "
                         f"{mesh.size}: use --config.vmap_seeds=1, or one device")
-    if optim.warmup_steps(config) != config.warmup_steps:
+    warmup = optim.warmup_steps(config)
+    if warmup != config.warmup_steps:
         warn(f"note: warmup_steps={config.warmup_steps} does not fit in the "
-             f"{optim.decay_steps(config)}-step decay; warming up over "
-             f"{optim.warmup_steps(config)} steps (half of it) instead")
+             f"{optim.decay_steps(config)}-step decay; "
+             + (f"warming up over {warmup} steps (half of it) instead" if warmup else
+                "no warmup instead"))
     managers = [checkpoint.make_manager(c.out_dir, keep=c.keep_checkpoints) for c in lanes]
     model = GPT(model_cfg)
     tx = optim.make_optimizer(config)
@@ -389,7 +391,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         # Say what is coming before an evaluation that may take a while: the first one (its
         # length is unknown; on a CPU the baby GPT's takes a minute) and any after a long one.
         if k == 0 and (eval_round_s is None or eval_round_s >= LONG_EVAL_S):
-            log(f"evaluating {config.eval_iters} batches of train and val"
+            say(f"evaluating {config.eval_iters} batches of train and val"
                 + (f" for each of {K} seeds" if K > 1 else "") + "...")
         with clock.aside("eval_s", record):
             losses = estimate_loss(eval_step, lane(state.params, k), dataset, lanes[k], step,
@@ -399,7 +401,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     def emit(k: int, record: dict) -> None:
         writers[k].write(record)
         line = metrics.format_record(record)
-        (bar.write if bar_on else log)(line if K == 1 else f"seed {lanes[k].seed} | {line}")
+        say(line if K == 1 else f"seed {lanes[k].seed} | {line}")
 
     last_eval = {}
     step = start
@@ -407,11 +409,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
     bar_on = config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
     bar = tqdm.tqdm(total=config.max_steps, initial=start, unit="step", disable=not bar_on,
                     dynamic_ncols=True)
+    say = bar.write if bar_on else log  # a line above the bar, or a plain log line
     clock = metrics.LoopClock()
     elapsed_before = [_elapsed_before(c.out_dir, start) for c in lanes]
     eval_steps = {s for s in range(start + 1, config.max_steps + 1)
                   if s % config.eval_interval == 0} | {config.max_steps}
     saves = [{} for _ in lanes]  # save seconds since each lane's last record
+    saved_at = start  # the newest step saved
+    # The loop's wall time at its last record, and the evaluations' and saves' share of it.
+    loop_s, aside = 0.0, dict(clock.totals)
     eval_round_s = None  # how long the last evaluation (of every seed) took
     try:
         with _StopRequests() as stop:
@@ -428,7 +434,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             clipped_at_log = np.asarray(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:
-                    if step > start:
+                    if step > saved_at:
                         for k in range(K):
                             save(step, k)
                     for manager in managers:
@@ -449,11 +455,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     for k in range(K):  # the files are written in the background (orbax)
                         with clock.aside("save_s", saves[k]):
                             save(step, k)
+                    saved_at = step
                 is_eval = step in eval_steps
                 if step % config.log_interval == 0 or is_eval:
                     jax.block_until_ready(step_metrics)  # the interval ends when its work does
                     seconds = clock.lap()
-                    elapsed = clock.elapsed()
                     evals_left = sum(s > step for s in eval_steps)
                     evals_before = clock.totals["eval_s"]
                     for k in range(K):
@@ -463,12 +469,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
                         record.update(metrics.step_timing(
                             seconds, steps_since_log, config.max_steps - step,
                             tokens_per_step, flops_per_token, peak / K,
-                            eval_s=eval_round_s or 0.0, evals_left=evals_left),
-                            elapsed_s=elapsed + elapsed_before[k], **saves[k])
+                            eval_s=eval_round_s or 0.0, evals_left=evals_left), **saves[k])
                         saves[k] = {}
                         if is_eval:
                             evaluate(step, k, record)
                             last_eval = {key: record[key] for key in EVAL_KEYS}
+                        loop_s, aside = clock.elapsed(), dict(clock.totals)
+                        record["elapsed_s"] = loop_s + elapsed_before[k]
                         emit(k, record)
                     if is_eval:
                         eval_round_s = clock.totals["eval_s"] - evals_before
@@ -478,7 +485,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     clipped_at_log = np.asarray(state.clipped_steps)
                     steps_since_log = 0
                 bar.update(1)
-            loop_s, aside = clock.elapsed(), dict(clock.totals)
     finally:
         bar.close()
         finishing = {}

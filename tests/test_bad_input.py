@@ -29,6 +29,8 @@ ROWS = {
     "missing corpus": (["--config.data.path={tmp}/nope.txt"], ["does not exist"]),
     "n_head does not divide n_embd": (["--config.model.n_head=5"],
                                       ["model.n_embd=128", "model.n_head=5", "not divisible"]),
+    "the model before the corpus": (["--config.data.path={tmp}/empty.txt",
+                                     "--config.model.n_head=5"], ["model.n_head=5"]),
     "zero layers": (["--config.model.n_layer=0"], ["model.n_layer must be a positive integer"]),
     "negative batch": (["--config.batch_size=-4"], ["batch_size must be at least 1"]),
     "negative warmup": (["--config.warmup_steps=-1"], ["warmup_steps must be >= 0"]),
