@@ -458,14 +458,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     saved_at = step
                 is_eval = step in eval_steps
                 if step % config.log_interval == 0 or is_eval:
-                    jax.block_until_ready(step_metrics)  # the interval ends when its work does
+                    # The interval ends when its work is done and its figures are fetched.
+                    records = [_step_record(step, lane(step_metrics, k), lane(state, k),
+                                            lanes[k], schedule, int(lane(clipped_at_log, k)),
+                                            steps_since_log) for k in range(K)]
                     seconds = clock.lap()
                     evals_left = sum(s > step for s in eval_steps)
                     evals_before = clock.totals["eval_s"]
-                    for k in range(K):
-                        record = _step_record(step, lane(step_metrics, k), lane(state, k),
-                                              lanes[k], schedule,
-                                              int(lane(clipped_at_log, k)), steps_since_log)
+                    for k, record in enumerate(records):
                         record.update(metrics.step_timing(
                             seconds, steps_since_log, config.max_steps - step,
                             tokens_per_step, flops_per_token, peak / K,
