@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from gpt_jax import kernels
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPTConfig
 
@@ -76,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pos_encoding = "learned"  # learned | sinusoidal | none
     c.model.norm_position = "pre"  # pre (GPT-2) | post (the original Transformer's Add & Norm)
     c.model.activation = "gelu"  # gelu (tanh approximation) | relu
-    c.model.attention = "auto"  # fused (jax.nn.dot_product_attention) | einsum | auto
+    # The layers' implementations (gpt_jax/kernels/): reference (the textbook oracle) | cpu |
+    # fused (jax.nn.dot_product_attention) | auto: cpu on a CPU, fused on GPU/TPU.
+    c.model.kernels = "auto"
+    c.model.attention = "auto"  # the older switch: fused | einsum overrides the attention kernel
     c.model.tie_embeddings = True
     c.model.dtype = "auto"  # compute dtype: auto is bfloat16 on GPU/TPU, float32 on CPU
     return c
@@ -93,6 +97,16 @@ def compute_dtype(name: str, backend: str) -> str:
     if name != "auto":
         return name
     return "bfloat16" if backend in ("gpu", "cuda", "rocm", "tpu") else "float32"
+
+
+def resolve_backend_fields(config: ml_collections.ConfigDict, backend: str
+                           ) -> ml_collections.ConfigDict:
+    """Returns a copy of `config` with model.dtype and model.kernels chosen for `backend`: the
+    one place where a run asks which hardware it is on."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.dtype = compute_dtype(config.model.dtype, backend)
+    config.model.kernels = kernels.resolve(config.model.kernels, backend)
+    return config
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -7,15 +7,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
-from gpt_jax.dropout import Dropout
+from gpt_jax import kernels
 from gpt_jax.errors import UserError
-from gpt_jax.matmul import dense_dot_general
 
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu", "relu")
-ATTENTIONS = ("auto", "fused", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +32,10 @@ class GPTConfig:
     pos_encoding: str = "learned"  # learned | sinusoidal | none (causal attention alone)
     norm_position: str = "pre"  # pre: x + f(ln(x)) (GPT-2); post: ln(x + f(x)) (Transformer)
     activation: str = "gelu"  # MLP nonlinearity: gelu (tanh approximation, GPT-2) | relu
-    # Training-path attention: fused (jax.nn.dot_product_attention), einsum (written out), or
-    # auto: fused on GPU/TPU, einsum on CPU. Same math; the fused op skips attention dropout.
-    attention: str = "auto"
+    # Which implementations the layers run (gpt_jax/kernels/): reference | cpu | fused, or
+    # auto (cpu on XLA:CPU, fused on GPU/TPU). The numbers are the same to float32 rounding.
+    kernels: str = "auto"
+    attention: str = "auto"  # the older switch: fused | einsum overrides the set's attention
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
@@ -54,7 +54,8 @@ class GPTConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name, allowed in (("pos_encoding", POS_ENCODINGS),
                               ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
-                              ("attention", ATTENTIONS)):
+                              ("kernels", kernels.KERNEL_SETS),
+                              ("attention", kernels.ATTENTIONS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"model.{name}={getattr(self, name)!r} is unknown: use one of "
                                 f"{', '.join(allowed)}")
@@ -64,61 +65,49 @@ class GPTConfig:
         return jnp.dtype(self.dtype)
 
 
-def _dense(config: GPTConfig, features: int, name: str, std: float = 0.02, use_bias=None):
-    return nn.Dense(
-        features,
-        use_bias=config.bias if use_bias is None else use_bias,
-        dtype=config.compute_dtype,
-        kernel_init=nn.initializers.normal(std),
-        bias_init=nn.initializers.zeros,
-        dot_general=dense_dot_general,
-        name=name,
-    )
+class Dense(nn.Module):
+    """y = x W + b, the kernel initialised N(0, std), the bias 0; the matmul is the kernel set's."""
+
+    config: GPTConfig
+    features: int
+    std: float = 0.02
+    use_bias: bool | None = None  # None: config.bias
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        kernel = self.param("kernel", nn.initializers.normal(self.std),
+                            (x.shape[-1], self.features), jnp.float32)
+        use_bias = cfg.bias if self.use_bias is None else self.use_bias
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) \
+            if use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=cfg.compute_dtype)
+        return kernels_of(cfg).dense(x, kernel, bias)
 
 
-def _on_rows(layer, x_BTD: jax.Array) -> jax.Array:
-    """Applies `layer` (a Dense, or wte.attend) to the (B*T, D) matrix view of x_BTD.
+class Dropout(nn.Module):
+    """Inverted dropout at config.dropout, on when the model is applied with a 'dropout' rng.
 
-    Same math as layer(x_BTD), but XLA:CPU compiles the backward of a 2-D matmul far better:
-    with the 3-D input the weight gradient contracts over two dims (B and T), and XLA
-    materializes a transposed copy of the incoming gradient, re-fusing the whole GELU backward
-    into that strided copy (~20% of the train step on a 2-core CPU).
+    Each Dropout draws its own rng, so every site has its own masks; the attention weights'
+    dropout takes one (`rng`) and hands it to the attention kernel.
     """
-    y_ND = layer(x_BTD.reshape(-1, x_BTD.shape[-1]))
-    return y_ND.reshape(*x_BTD.shape[:-1], y_ND.shape[-1])
+
+    config: GPTConfig
+
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        rng = self.rng(deterministic)
+        return x if rng is None else kernels_of(self.config).dropout(x, self.config.dropout, rng)
+
+    def rng(self, deterministic: bool) -> jax.Array | None:
+        """Returns this site's dropout key, or None when dropout is off."""
+        if deterministic or self.config.dropout == 0.0:
+            return None
+        return self.make_rng("dropout")
 
 
-def _attention_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """Returns jnp.einsum(spec, a, b), an einsum batched over the leading (batch) axis of both.
-
-    On the CPU it runs as two einsums over the two halves of the batch: XLA:CPU runs each
-    batched matmul on one thread, and smaller batches run faster per FLOP. Measured in-process
-    A/B on the train step: baby GPT 1.03x (9.46 vs 9.70 s/step), CPU recipe 1.01x; four
-    pieces were slower than two. Rows never mix, so the values are the same either way.
-    """
-    n = a.shape[0]
-    if jax.default_backend() != "cpu" or n % 2:
-        return jnp.einsum(spec, a, b)
-    halves = zip(jnp.split(a, 2), jnp.split(b, 2), strict=True)
-    return jnp.concatenate([jnp.einsum(spec, x, y) for x, y in halves])
-
-
-def _masked_softmax(scores_BHTS: jax.Array, visible, dtype) -> jax.Array:
-    """Returns the softmax over the last axis of the visible scores, in float32, cast to dtype."""
-    scores_BHTS = jnp.where(visible, scores_BHTS.astype(jnp.float32), -jnp.inf)
-    return jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-
-
-ATTENTION_BLOCK = 128  # query/key block of the CPU's causal attention (see _causal)
-
-
-def query_blocks(T: int) -> int:
-    """Returns how many blocks of queries causal attention over T positions goes in: blocks of
-    ATTENTION_BLOCK on the CPU when T is a multiple of it and at least twice it, else one.
-    Measured at T = 256; blocks of 64 were slower (0.91x against blocks of 128)."""
-    if jax.default_backend() != "cpu" or T % ATTENTION_BLOCK or T < 2 * ATTENTION_BLOCK:
-        return 1
-    return T // ATTENTION_BLOCK
+def kernels_of(config: GPTConfig) -> kernels.Kernels:
+    """Returns the kernel set config.kernels (and the older config.attention) names."""
+    return kernels.select(config.kernels, config.attention)
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
@@ -157,70 +146,19 @@ class CausalSelfAttention(nn.Module):
                  positions_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         B, T, D = x_BTD.shape
-        H = cfg.n_head
-        qkv_BT3D = _on_rows(_dense(cfg, 3 * D, "c_attn", use_bias=cfg.bias and cfg.qkv_bias), x_BTD)
-        q_BTHK, k_BTHK, v_BTHK = (
-            a.reshape(B, T, H, D // H) for a in jnp.split(qkv_BT3D, 3, axis=-1)
-        )
-        if positions_BT is None and self._fused(deterministic):
-            # One fused op (cuDNN flash attention on GPUs); softmax statistics in float32.
-            y_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
-            y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)),
-                             y_BTHK.reshape(B, T, D))
-            return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+        qkv_BT3D = Dense(cfg, 3 * D, use_bias=cfg.bias and cfg.qkv_bias, name="c_attn")(x_BTD)
+        q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, cfg.n_head, D // cfg.n_head)
+                                  for a in jnp.split(qkv_BT3D, 3, axis=-1))
+        weights = dict(dropout_rate=cfg.dropout, rng=Dropout(cfg).rng(deterministic),
+                       dtype=cfg.compute_dtype)
         if positions_BT is None:
-            y_BTHK = self._causal(q_BTHK, k_BTHK, v_BTHK, deterministic)
+            y_BTHK = kernels_of(cfg).causal_attention(q_BTHK, k_BTHK, v_BTHK, **weights)
         else:
-            keys, values = self._cached(k_BTHK, v_BTHK, positions_BT)
-            visible = (jnp.arange(cfg.block_size) <= positions_BT[:, :, None])[:, None]  # BHTS
-            scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, keys) / math.sqrt(D // H)
-            probs_BHTS = _masked_softmax(scores_BHTS, visible, cfg.compute_dtype)
-            probs_BHTS = Dropout(cfg.dropout)(probs_BHTS, deterministic=deterministic)
-            y_BTHK = jnp.einsum("bhts,bhsk->bthk", probs_BHTS, values)
-        y_BTD = _on_rows(_dense(cfg, D, "c_proj", std=_residual_std(cfg)), y_BTHK.reshape(B, T, D))
-        return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
-
-    def _causal(self, q_BTHK, k_BTHK, v_BTHK, deterministic: bool) -> jax.Array:
-        """Returns causal softmax attention, (B, T, H, K): each position attends to itself and
-        the positions before it.
-
-        The queries go in n = query_blocks(T) blocks, and block i scores only the key blocks
-        0..i: the blocks above the diagonal are masked whole, so on the baby GPT (T = 256,
-        two blocks) a quarter of the attention matmuls is skipped (train step 1.13x on 2 CPU
-        cores, in-process A/B; 1.16x without dropout). Each row's softmax spans the same keys
-        as the whole (T, T) matrix would, and dropout draws that matrix's masks, sliced.
-        """
-        cfg = self.config
-        B, T, H, K = q_BTHK.shape
-        n = query_blocks(T)
-        Tb = T // n
-        qs, ks, vs = (jnp.split(a, n, axis=1) for a in (q_BTHK, k_BTHK, v_BTHK))
-        probs = []
-        for i in range(n):
-            scores_BHTS = jnp.concatenate([_attention_einsum("bthk,bshk->bhts", qs[i], k)
-                                           for k in ks[:i + 1]], axis=-1) / math.sqrt(K)
-            visible = jnp.arange((i + 1) * Tb)[None, :] <= (i * Tb + jnp.arange(Tb))[:, None]
-            probs.append(_masked_softmax(scores_BHTS, visible, cfg.compute_dtype))
-        probs = Dropout(cfg.dropout).windows(probs, (B, H, T, T),
-                                             [(0, 0, i * Tb, 0) for i in range(n)], deterministic)
-        ys = []
-        for i, probs_BHTS in enumerate(probs):
-            parts = jnp.split(probs_BHTS, i + 1, axis=-1)
-            y_BTHK = _attention_einsum("bhts,bshk->bthk", parts[0], vs[0])
-            for p_BHTS, v_BTHK in zip(parts[1:], vs[1:i + 1], strict=True):
-                y_BTHK = y_BTHK + _attention_einsum("bhts,bshk->bthk", p_BHTS, v_BTHK)
-            ys.append(y_BTHK)
-        return ys[0] if n == 1 else jnp.concatenate(ys, axis=1)
-
-    def _fused(self, deterministic: bool) -> bool:
-        """Whether to use jax.nn.dot_product_attention: on accelerators (auto) or when asked,
-        and never with attention dropout, which the fused op does not do. On XLA:CPU the
-        written-out path is ~1.1x faster (measured on the CPU recipe), so auto keeps it there."""
-        if not deterministic and self.config.dropout > 0:
-            return False
-        if self.config.attention == "auto":
-            return jax.default_backend() != "cpu"
-        return self.config.attention == "fused"
+            k_BHSK, v_BHSK = self._cached(k_BTHK, v_BTHK, positions_BT)
+            y_BTHK = kernels_of(cfg).cached_attention(q_BTHK, k_BHSK, v_BHSK, positions_BT,
+                                                      **weights)
+        y_BTD = Dense(cfg, D, std=_residual_std(cfg), name="c_proj")(y_BTHK.reshape(B, T, D))
+        return Dropout(cfg)(y_BTD, deterministic)
 
     def _cached(self, k_BTHK, v_BTHK, positions_BT):
         """Writes the new keys and values at their positions; returns the whole (B, H, S, K) cache."""
@@ -243,13 +181,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        h_BTF = _on_rows(_dense(cfg, 4 * cfg.n_embd, "c_fc"), x_BTD)
+        h_BTF = Dense(cfg, 4 * cfg.n_embd, name="c_fc")(x_BTD)
         if cfg.activation == "gelu":
             h_BTF = nn.gelu(h_BTF, approximate=True)
         else:
             h_BTF = nn.relu(h_BTF)
-        y_BTD = _on_rows(_dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg)), h_BTF)
-        return Dropout(cfg.dropout)(y_BTD, deterministic=deterministic)
+        y_BTD = Dense(cfg, cfg.n_embd, std=_residual_std(cfg), name="c_proj")(h_BTF)
+        return Dropout(cfg)(y_BTD, deterministic)
 
 
 class Block(nn.Module):
@@ -313,14 +251,14 @@ class GPT(nn.Module):
             x_BTD = x_BTD + jnp.take(wpe_SD, positions_BT, axis=0, mode="clip")
         else:
             x_BTD = x_BTD + wpe_SD[:T]
-        x_BTD = Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+        x_BTD = Dropout(cfg)(x_BTD, deterministic)
         for i in range(cfg.n_layer):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT)
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD).astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
-            logits_BTV = _on_rows(wte.attend, x_BTD)
+            logits_BTV = kernels_of(cfg).logits(*promote_dtype(x_BTD, wte.embedding))
         else:
-            logits_BTV = _on_rows(_dense(cfg, cfg.vocab_size, "lm_head", use_bias=False), x_BTD)
+            logits_BTV = Dense(cfg, cfg.vocab_size, use_bias=False, name="lm_head")(x_BTD)
         return logits_BTV.astype(jnp.float32)
 
 

@@ -51,10 +51,10 @@ class TrainingStopped(Exception):
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> GPTConfig:
-    """Returns the GPTConfig of `config` (model.dtype "auto" resolved for this backend)."""
-    fields = config.model.to_dict()
-    fields["dtype"] = config_lib.compute_dtype(fields["dtype"], jax.default_backend())
-    return GPTConfig(vocab_size=vocab_size, **fields)
+    """Returns the GPTConfig of `config` (model.dtype and model.kernels resolved for this
+    backend)."""
+    config = config_lib.resolve_backend_fields(config, jax.default_backend())
+    return GPTConfig(vocab_size=vocab_size, **config.model)
 
 
 def init_train_state(model_cfg: GPTConfig, tx: optax.GradientTransformation,
@@ -293,8 +293,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     jax.config.update("jax_threefry_partitionable", True)
     config_lib.validate(config)
     _check_out_dir(config.out_dir)
-    config = ml_collections.ConfigDict(config.to_dict())  # ours to resolve; the caller's stays
-    config.model.dtype = config_lib.compute_dtype(config.model.dtype, jax.default_backend())
+    config = config_lib.resolve_backend_fields(config, jax.default_backend())  # a copy
     _enable_compile_cache(config)
     dataset = data.load_dataset(config.data)
     lanes = _lane_configs(config)
@@ -730,7 +729,7 @@ def _check_compatible(config: ml_collections.ConfigDict, saved: tuple[dict, dict
     # dropout, the compute dtype and the attention kernel may change between runs; the
     # parameters stay the same.
     diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in model.items()
-             if saved_model.get(k) != v and k not in ("dropout", "dtype", "attention")]
+             if saved_model.get(k) != v and k not in ("dropout", "dtype", "kernels", "attention")]
     if diffs:
         raise UserError(f"{config.out_dir} holds a checkpoint of a different model "
                         f"(model.{'; model.'.join(diffs)}): use a new --config.out_dir or the "

@@ -1,0 +1,23 @@
+"""Kernels for GPUs and TPUs: jax.nn.dot_product_attention; the rest is the reference's.
+
+The fused op (cuDNN flash attention on GPUs, XLA's on TPUs) keeps softmax statistics in
+float32 and never materialises the (T, T) scores. It has no attention dropout, so with
+dropout on, attention falls back to the written-out reference.
+"""
+
+import jax
+
+from gpt_jax.kernels import reference
+
+dense = reference.dense
+logits = reference.logits
+dropout = reference.dropout
+
+
+def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
+                     dropout_rate: float, rng: jax.Array | None, dtype) -> jax.Array:
+    """Returns causal softmax attention, (B, T, H, K), by one fused op (dropout: reference)."""
+    if rng is not None and dropout_rate > 0:
+        return reference.causal_attention(q_BTHK, k_BTHK, v_BTHK, dropout_rate=dropout_rate,
+                                          rng=rng, dtype=dtype)
+    return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)

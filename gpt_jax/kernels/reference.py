@@ -1,0 +1,60 @@
+"""The textbook kernels: plain jax, one (T, T) score matrix, jax.random dropout masks.
+
+Every other kernel set is tested against these (tests/test_kernels.py).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def dense(x_BTD: jax.Array, kernel_DF: jax.Array, bias_F: jax.Array | None) -> jax.Array:
+    """Returns x @ kernel (+ bias), contracting x's last axis."""
+    y = jax.lax.dot_general(x_BTD, kernel_DF, (((x_BTD.ndim - 1,), (0,)), ((), ())))
+    return y if bias_F is None else y + bias_F
+
+
+def logits(x_BTD: jax.Array, embedding_VD: jax.Array) -> jax.Array:
+    """Returns x @ embedding.T: the tied LM head's logits."""
+    return jnp.dot(x_BTD, embedding_VD.T)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Returns inverted dropout of x (flax's nn.Dropout, mask for mask)."""
+    if rate == 1.0:  # no x / 0, whose gradient would be NaN
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(rng, p=1.0 - rate, shape=x.shape)
+    return jax.lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def masked_softmax(scores: jax.Array, visible, dtype) -> jax.Array:
+    """Returns the softmax over the last axis of the visible scores, in float32, cast to dtype."""
+    scores = jnp.where(visible, scores.astype(jnp.float32), -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
+                     dropout_rate: float, rng: jax.Array | None, dtype) -> jax.Array:
+    """Returns softmax(q k^T / sqrt(K) + causal mask) v, (B, T, H, K), dropout on the weights."""
+    T, K = q_BTHK.shape[1], q_BTHK.shape[-1]
+    scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK) / math.sqrt(K)
+    visible_TS = jnp.tril(jnp.ones((T, T), bool))
+    probs_BHTS = masked_softmax(scores_BHTS, visible_TS, dtype)
+    if rng is not None:
+        probs_BHTS = dropout(probs_BHTS, dropout_rate, rng)
+    return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
+
+
+def cached_attention(q_BTHK: jax.Array, k_BHSK: jax.Array, v_BHSK: jax.Array,
+                     positions_BT: jax.Array, *, dropout_rate: float, rng: jax.Array | None,
+                     dtype) -> jax.Array:
+    """Returns attention of queries at positions_BT over a KV cache, (B, T, H, K): each query
+    sees the cached positions up to its own."""
+    S, K = k_BHSK.shape[2], q_BTHK.shape[-1]
+    visible_BHTS = (jnp.arange(S) <= positions_BT[:, :, None])[:, None]
+    scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, k_BHSK) / math.sqrt(K)
+    probs_BHTS = masked_softmax(scores_BHTS, visible_BHTS, dtype)
+    if rng is not None:
+        probs_BHTS = dropout(probs_BHTS, dropout_rate, rng)
+    return jnp.einsum("bhts,bhsk->bthk", probs_BHTS, v_BHSK)
