@@ -4,6 +4,8 @@ Layout: OUT_DIR/checkpoints/<step>/{state, config, tokenizer}. Every checkpoint 
 model's hyperparameters and the tokenizer table, so sampling needs nothing else.
 """
 
+import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import orbax.checkpoint as ocp
 
 from gpt_jax import data
 from gpt_jax.errors import UserError
+from gpt_jax.metrics import log
 from gpt_jax.model import GPTConfig, abstract_params
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -123,7 +126,9 @@ def load_model(out_dir, step: int | None = None):
     try:
         saved_config, tokenizer_table = read_metadata(manager, step)
         tokenizer = data.tokenizer_from_json(tokenizer_table)
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, **saved_config["model"])
+        # The kernels are this machine's choice, not the one the run was trained on.
+        config = GPTConfig(vocab_size=tokenizer.vocab_size,
+                           **{**saved_config["model"], "kernels": "auto"})
         params = restore_params(manager, step, abstract_params(config))
     except DamagedCheckpoint as err:
         older = sorted(s for s in manager.all_steps() if s < step)
@@ -132,6 +137,76 @@ def load_model(out_dir, step: int | None = None):
                         f"{hint}") from None
     manager.close()
     return step, config, params, tokenizer
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raises UserError when out_dir is not a directory this process can create or write."""
+    path = Path(out_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"out_dir {path} is a file: choose a directory, --config.out_dir=DIR")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir {path} cannot be written ({ancestor} is not a writable "
+                        "directory): choose another --config.out_dir")
+
+
+def latest_metadata(out_dir) -> tuple[int | None, tuple[dict, dict] | None]:
+    """Returns (step, (config, tokenizer)) of out_dir's newest checkpoint whose metadata reads;
+    (None, None) when it has none. Damaged ones are moved aside with a notice."""
+    if not has_checkpoint(out_dir):
+        return None, None
+    manager = open_for_reading(out_dir)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return step, read_metadata(manager, step)
+            except DamagedCheckpoint as err:
+                moved = set_aside(manager, step)
+                log(f"warning: checkpoint {step} is damaged ({err}); moved it to {moved}")
+        return None, None
+    finally:
+        manager.close()
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, abstract_state):
+    """Returns (step, state) of the newest checkpoint that restores, newest first.
+
+    A damaged checkpoint (files missing or truncated, e.g. by a kill during a save on a file
+    system without atomic renames) is moved to OUT_DIR/damaged/ with a one-line notice and
+    the next older one is tried; (None, None) when none is left.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, restore_state(manager, step, abstract_state)
+        except DamagedCheckpoint as err:
+            moved = set_aside(manager, step)
+            log(f"warning: checkpoint {step} is damaged ({err}); moved it to {moved} and "
+                "fell back to the previous one")
+    log("warning: no checkpoint could be restored; starting from scratch")
+    return None, None
+
+
+# Model fields that may change between runs of one out_dir: the parameters stay the same.
+FREE_MODEL_FIELDS = ("dropout", "dtype", "kernels", "attention")
+
+
+def check_compatible(config, saved: tuple[dict, dict], tokenizer_table: dict) -> None:
+    """Raises UserError when out_dir's checkpoint was made by another model or tokenizer."""
+    saved_config, saved_tokenizer = saved
+    # Fields added since a checkpoint was written take their default (what it was trained with).
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    saved_model = {**defaults, **saved_config.get("model", {})}
+    diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in config.model.to_dict().items()
+             if saved_model.get(k) != v and k not in FREE_MODEL_FIELDS]
+    if diffs:
+        raise UserError(f"{config.out_dir} holds a checkpoint of a different model "
+                        f"(model.{'; model.'.join(diffs)}): use a new --config.out_dir or the "
+                        "settings it was trained with")
+    if saved_tokenizer != tokenizer_table:
+        raise UserError(f"{config.out_dir} holds a checkpoint trained on a corpus with another "
+                        "tokenizer: use a new --config.out_dir or the original data.path")
 
 
 def _first_line(err: BaseException) -> str:

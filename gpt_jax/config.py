@@ -1,5 +1,6 @@
 """The full set of training settings with their defaults; recipes in configs/ override a few."""
 
+import jax
 import ml_collections
 
 from gpt_jax import kernels
@@ -107,6 +108,14 @@ def resolve_backend_fields(config: ml_collections.ConfigDict, backend: str
     config.model.dtype = compute_dtype(config.model.dtype, backend)
     config.model.kernels = kernels.resolve(config.model.kernels, backend)
     return config
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                 backend: str | None = None) -> GPTConfig:
+    """Returns the GPTConfig of `config` on `backend` (default: JAX's), with model.dtype and
+    model.kernels resolved for it."""
+    backend = backend or jax.default_backend()
+    return GPTConfig(vocab_size=vocab_size, **resolve_backend_fields(config, backend).model)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -14,9 +14,11 @@ import re
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
 from gpt_jax.errors import UserError
+from gpt_jax.metrics import log
 from gpt_jax.model import GPTConfig, abstract_params
 
 # The published GPT-2 sizes: hub name -> (n_layer, n_head, n_embd); all use context 1024.
@@ -292,3 +294,32 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+# The fields a pretrained model fixes in config.model (block_size only as an upper bound).
+SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias",
+                "pos_encoding", "tie_embeddings", "norm_position", "activation")
+
+
+def resolve_init_from(config, saved_config: dict | None, vocab_size: int):
+    """Returns (config with the pretrained model's shape, its params or None on a resume).
+
+    The pretrained model fixes every shape field of config.model except block_size, which
+    may crop its context; dropout and dtype stay the config's. A resume (`saved_config`, the
+    checkpoint's) reads the shape from the checkpoint and ignores init_from, so the weights
+    are not fetched again.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    if saved_config is not None:
+        config.model.update({k: saved_config["model"][k] for k in SHAPE_FIELDS})
+        return config, None
+    hf_cfg, params = load(config.init_from, block_size=config.model.block_size)
+    if hf_cfg.vocab_size != vocab_size:
+        raise UserError(
+            f"{config.init_from} has a vocabulary of {hf_cfg.vocab_size} tokens but the corpus's "
+            f"tokenizer has {vocab_size}: set --config.data.tokenizer=gpt2 "
+            "or use a corpus prepared with python -m gpt_jax.prepare")
+    config.model.update({k: getattr(hf_cfg, k) for k in SHAPE_FIELDS})
+    log(f"init_from {config.init_from}: {hf_cfg.n_layer} layers, {hf_cfg.n_head} heads, "
+        f"{hf_cfg.n_embd} wide, context {hf_cfg.block_size}")
+    return config, params

@@ -16,15 +16,15 @@ A kept heap has one catch. XLA frees a step's temporary buffer a few millisecond
 step's outputs are ready (1-6 ms measured), so a loop that dispatches the next step at once
 finds the old buffer still held, takes a fresh one past it, and the heap fragments several
 buffers deep: the baby GPT at batch 64 (6.9 GiB of temp) reached 20 GiB resident after six
-steps. `StepPacer` keeps the loop at most one step ahead of XLA on a CPU and, for steps with
-a large temporary buffer, runs one step at a time and waits until XLA has handed the last
-buffer back before the next step starts: the heap then holds one buffer.
+steps. The training loop's pacer (trainer.StepPacer) keeps the loop at most one step ahead
+of XLA on a CPU and, for steps with a large temporary buffer, runs one step at a time and
+waits until XLA has handed the last buffer back (watched with `heap_in_use_counter`): the
+heap then holds one buffer.
 """
 
 import ctypes
 import ctypes.util
 import os
-import time
 
 from gpt_jax.errors import UserError
 
@@ -34,11 +34,6 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _retained = False  # whether retain_freed_memory took effect in this process
-
-# Steps whose temporary buffer is at least this large wait for its release (see StepPacer).
-# Such a step runs for a second or more on a CPU, so the few milliseconds are under 1%.
-LARGE_TEMP_BYTES = 256 << 20
-_RELEASE_TIMEOUT_S = 0.1
 
 
 class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (2.33+), all size_t
@@ -80,6 +75,11 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
+def retained() -> bool:
+    """Returns whether retain_freed_memory took effect in this process."""
+    return _retained
+
+
 def heap_in_use_counter():
     """Returns a function giving the bytes glibc's heap has handed out, or None off glibc."""
     libc = _glibc()
@@ -87,43 +87,3 @@ def heap_in_use_counter():
         return None
     libc.mallinfo2.restype = _MallInfo2
     return lambda: libc.mallinfo2().uordblks
-
-
-class StepPacer:
-    """Paces a loop of compiled steps on a CPU; does nothing on accelerators.
-
-    Call `pacer(outputs)` after dispatching each step. On XLA:CPU it waits for the previous
-    step's outputs, so one step is in flight while Python prepares and dispatches the next
-    (waiting on this step's own outputs left both cores idle ~2 ms a step, about 3% of a
-    CPU-recipe step). When the step's temporary buffer is large (`LARGE_TEMP_BYTES`) and the
-    heap is kept (`retain_freed_memory`), it waits for this step's outputs instead, and then
-    until XLA has freed that buffer, watched through glibc's count of bytes in use (at most
-    0.1 s, then it goes on). Numerics are untouched.
-    """
-
-    def __init__(self, compiled):
-        import jax  # only once JAX is needed: retain_freed_memory runs before JAX starts
-
-        self._on_cpu = jax.default_backend() == "cpu"
-        self._block_until_ready = jax.block_until_ready
-        temp = compiled.memory_analysis().temp_size_in_bytes if self._on_cpu else 0
-        large = _retained and temp >= LARGE_TEMP_BYTES
-        self._in_use = heap_in_use_counter() if large else None
-        self._half_temp = temp // 2
-        self._settled = self._in_use() if self._in_use else 0  # bytes in use between steps
-        self._in_flight = None  # the outputs of the step still running (small temp only)
-
-    def __call__(self, outputs) -> None:
-        if not self._on_cpu:
-            return
-        if self._in_use is None:
-            previous, self._in_flight = self._in_flight, outputs
-            if previous is not None:
-                self._block_until_ready(previous)
-            return
-        self._block_until_ready(outputs)
-        deadline = time.perf_counter() + _RELEASE_TIMEOUT_S
-        while (self._in_use() > self._settled + self._half_temp
-               and time.perf_counter() < deadline):
-            time.sleep(0.0002)  # yield the core to the XLA thread that frees the buffer
-        self._settled = self._in_use()

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+import tqdm
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -283,3 +285,69 @@ def xla_flops(compiled) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops else None
+
+
+def log(message: str) -> None:
+    """Prints a progress line (from process 0 only in multi-process runs)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """Prints a one-line notice on standard error, above a progress bar (from process 0)."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message, file=sys.stderr)
+
+
+class Progress:
+    """A progress bar (steps, ETA, loss) on an interactive terminal, plain log lines otherwise."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        on = enabled and sys.stderr.isatty() and jax.process_index() == 0
+        self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", disable=not on,
+                              dynamic_ncols=True)
+        self.say = self._bar.write if on else log  # a line above the bar, or a log line
+
+    def show_loss(self, loss: float) -> None:
+        self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def update(self) -> None:
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def flops_report(formula: float, xla: float | None, peak: float, peak_source: str) -> str:
+    """Returns one line: FLOPs per train step by the 6N + 12LDT formula and by XLA, and the peak."""
+    line = f"FLOPs per step: {formula / 1e9:,.2f} G by 6N + 12·n_layer·n_embd·block_size"
+    if xla is not None:
+        total = xla * jax.device_count()
+        line += f", {total / 1e9:,.2f} G by XLA's cost analysis ({total / formula:.2f}x)"
+    return line + f"; MFU against {peak / 1e12:,.3f} TFLOP/s ({peak_source})"
+
+
+class CacheHits:
+    """Counts persistent compilation cache hits while the `with` block runs."""
+
+    EVENT = "/jax/compilation_cache/cache_hits"
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_listener(self._listen)
+        return self
+
+    def _listen(self, event, **kwargs):
+        if event == self.EVENT:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_listener(self._listen)
+
+
+def elapsed_before(out_dir, start: int) -> float:
+    """Returns the training seconds logged up to `start` by earlier runs of this out_dir."""
+    if not start or not (Path(out_dir) / "metrics.jsonl").exists():
+        return 0.0
+    times = [r.get("elapsed_s", 0.0) for r in read_records(out_dir) if r["step"] <= start]
+    return max(times, default=0.0)

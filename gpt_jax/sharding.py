@@ -8,6 +8,7 @@ scattered over `fsdp` (the transpose of the gather) and are averaged over `data`
 explicit pmean.
 """
 
+import functools
 import itertools
 import math
 
@@ -84,7 +85,7 @@ def tree_specs(tree, mesh: Mesh):
 
 def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
+                        is_leaf=_is_spec)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -109,6 +110,35 @@ def reduce_gradient(g: jax.Array, spec: P, mesh: Mesh) -> jax.Array:
     if FSDP in spec:
         return _pmean(g, (DATA,), mesh) / mesh.shape[FSDP]
     return batch_mean(g, mesh)
+
+
+def gather_tree(tree_local, specs):
+    """Inside shard_map: returns the full parameters of this device's shards (see `gather`)."""
+    return jax.tree.map(gather, tree_local, specs, is_leaf=_is_spec)
+
+
+def reduce_gradients(grads_local, specs, mesh: Mesh):
+    """Inside shard_map: returns the gradients of the global mean loss (see `reduce_gradient`)."""
+    return jax.tree.map(lambda g, s: reduce_gradient(g, s, mesh), grads_local, specs,
+                        is_leaf=_is_spec)
+
+
+def over_batch(local, mesh: Mesh, params, batch, *replicated, returns_grads: bool = False):
+    """Returns local(params_local, batch_local, *replicated, specs=...) run by jax.shard_map.
+
+    Each device gets its shards of `params` (laid out by tree_specs, passed as `specs`), its
+    rows of `batch` and the `replicated` arguments whole. `local` returns a replicated value,
+    or (value, gradients laid out like params) when returns_grads.
+    """
+    specs = tree_specs(params, mesh)
+    out_specs = (P(), specs) if returns_grads else P()
+    return jax.shard_map(functools.partial(local, specs=specs), mesh=mesh,
+                         in_specs=(specs, P(BATCH_AXES), *[P()] * len(replicated)),
+                         out_specs=out_specs, check_vma=False)(params, batch, *replicated)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
 
 
 def batch_mean(x: jax.Array, mesh: Mesh) -> jax.Array:

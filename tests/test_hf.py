@@ -14,6 +14,7 @@ from conftest import run_cli, tiny_flags
 from safetensors.numpy import save_file
 
 from gpt_jax import checkpoint, data, hf, sampling, trainer
+from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, count_params
 
@@ -238,4 +239,4 @@ def test_gpt2_config_sizes_have_the_published_counts(size, total):
     from configs.gpt2 import get_config
 
     config = get_config(size)
-    assert count_params(trainer.model_config(config, 50257))["total"] == total
+    assert count_params(config_lib.model_config(config, 50257))["total"] == total

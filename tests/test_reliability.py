@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli, tiny_flags
 
-from gpt_jax import checkpoint, trainer
+from gpt_jax import checkpoint, loop, trainer
 from gpt_jax.errors import UserError
 
 CPU = "configs/shakespeare_cpu.py"
@@ -146,7 +146,7 @@ def test_sigterm_saves_then_exits_143_and_the_rerun_resumes(tmp_path):
 
 
 def test_a_second_signal_stops_at_once():
-    with trainer._StopRequests() as stop:
+    with loop.StopRequests() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT  # the first one only asks the loop to stop
         with pytest.raises(KeyboardInterrupt):

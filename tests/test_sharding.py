@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, run_cli, tiny_flags
 
 from gpt_jax import checkpoint, trainer
+from gpt_jax import config as config_lib
 
 CPU = "configs/shakespeare_cpu.py"
 # 8 rows split over up to 8 devices; a loss record at every step.
@@ -140,7 +141,7 @@ def test_one_device_step_has_no_collectives(tiny_config):
     from gpt_jax import optim
     from gpt_jax.model import GPT
 
-    model_cfg = trainer.model_config(tiny_config, 65)
+    model_cfg = config_lib.model_config(tiny_config, 65)
     tx = optim.make_optimizer(tiny_config)
     state = trainer.init_train_state(model_cfg, tx, 0)
     batch = (np.zeros((8, model_cfg.block_size), np.int32),) * 2
