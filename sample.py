@@ -7,24 +7,18 @@ ids) and tokens_per_sec (compilation excluded). Logs go to stderr. A sample ends
 gpt_jax/sampling.py.
 """
 
-import argparse
 import json
 import sys
 import time
 
-from gpt_jax import host_memory
-from gpt_jax.errors import UserError, exit_with
+from gpt_jax import checkpoint, data, entry, hf, sampling
+from gpt_jax.errors import UserError
 
 SEPARATOR = "-" * 40
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        exit_with(UserError(f"{message} (see python sample.py --help)"))
-
-
 def parse_args(argv):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = entry.ArgumentParser(command="python sample.py", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="out_dir of a training run")
     source.add_argument("--init_from", help="hf:DIR (a Hugging Face GPT-2 directory) or hf:gpt2")
@@ -68,8 +62,6 @@ def read_prompts(args) -> list[str]:
 
 def load(args):
     """Returns (config, params, tokenizer, description) of --checkpoint or --init_from."""
-    from gpt_jax import checkpoint, data, hf
-
     if args.checkpoint:
         step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
         return config, params, tokenizer, f"{args.checkpoint} at step {step}"
@@ -84,45 +76,39 @@ def load(args):
         f"{args.init_from} ({config.n_layer} layers, {config.n_embd} wide)"
 
 
-def main(argv):
-    args = parse_args(argv)
-    try:
-        host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
-        from gpt_jax import sampling
-
-        sampling.check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        if args.num_samples < 1:
-            raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
-        texts = [t for t in read_prompts(args) for _ in range(args.num_samples)]
-        if args.stream and (len(texts) > 1 or args.format == "json"):
-            raise UserError("--stream prints one text sample: give one prompt, --num_samples 1 "
-                            "and --format text")
-        config, params, tokenizer, description = load(args)
-        prompts = [tokenizer.encode(text) for text in texts]
-        sampling.check_window_keep(config, args.window_keep)
-        if not all(prompts):
-            raise UserError("the prompt is empty: give at least one character")
-        print(f"loaded {description}", file=sys.stderr)
-        for n in sorted({len(p) for p in prompts if len(p) > config.block_size}):
-            print(f"the prompt has {n} tokens: the model sees its last {config.block_size} "
-                  "(block_size)", file=sys.stderr)
-        eot = sampling.end_of_text(tokenizer)
-        options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                   "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-                   "stop_token": eot, "window_keep": args.window_keep}
-        if args.stream:
-            print(texts[0], end="", flush=True)
-            tokens = sampling.stream(params, config, prompts, **options)
-            for piece in sampling.stream_text(tokens, tokenizer.decode, args.stop, eot):
-                print(piece, end="", flush=True)
-            print()
-            return
-        with sampling.compile_watch() as compiling:
-            t0 = time.perf_counter()
-            tokens = sampling.generate(params, config, prompts, **options)
-            seconds = time.perf_counter() - t0 - compiling.seconds
-    except UserError as err:
-        exit_with(err)
+def sample(args) -> None:
+    """Prints the samples that args ask for on stdout; logs go to stderr."""
+    sampling.check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.num_samples < 1:
+        raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
+    texts = [t for t in read_prompts(args) for _ in range(args.num_samples)]
+    if args.stream and (len(texts) > 1 or args.format == "json"):
+        raise UserError("--stream prints one text sample: give one prompt, --num_samples 1 "
+                        "and --format text")
+    config, params, tokenizer, description = load(args)
+    prompts = [tokenizer.encode(text) for text in texts]
+    sampling.check_window_keep(config, args.window_keep)
+    if not all(prompts):
+        raise UserError("the prompt is empty: give at least one character")
+    print(f"loaded {description}", file=sys.stderr)
+    for n in sorted({len(p) for p in prompts if len(p) > config.block_size}):
+        print(f"the prompt has {n} tokens: the model sees its last {config.block_size} "
+              "(block_size)", file=sys.stderr)
+    eot = sampling.end_of_text(tokenizer)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+               "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+               "stop_token": eot, "window_keep": args.window_keep}
+    if args.stream:
+        print(texts[0], end="", flush=True)
+        tokens = sampling.stream(params, config, prompts, **options)
+        for piece in sampling.stream_text(tokens, tokenizer.decode, args.stop, eot):
+            print(piece, end="", flush=True)
+        print()
+        return
+    with sampling.compile_watch() as compiling:
+        t0 = time.perf_counter()
+        tokens = sampling.generate(params, config, prompts, **options)
+        seconds = time.perf_counter() - t0 - compiling.seconds
     samples = sampling.records(texts, prompts, tokens, tokenizer.decode, args.stop, eot, seconds)
     print(f"generated {len(samples)} x {args.max_new_tokens} tokens in {seconds:.2f} s "
           f"({samples[0]['tokens_per_sec']} tokens/s per sample) after {compiling.seconds:.1f} s "
@@ -131,6 +117,11 @@ def main(argv):
         print("\n".join(json.dumps(sample) for sample in samples))
     else:
         print(f"\n{SEPARATOR}\n".join(s["prompt"] + s["text"] for s in samples))
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    entry.main(lambda: sample(args), keep_freed_memory=True)
 
 
 if __name__ == "__main__":

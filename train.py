@@ -2,24 +2,18 @@
 
 import sys
 
-from gpt_jax import host_memory
-from gpt_jax.errors import UserError, exit_with
+from gpt_jax import cli, entry, trainer
+
+
+def train(argv: list[str]) -> None:
+    config = cli.parse_config(argv)
+    cli.init_distributed()
+    trainer.run(config)
 
 
 def main(argv: list[str]) -> None:
-    try:
-        host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
-        from gpt_jax import cli, trainer
-
-        config = cli.parse_config(argv)
-        cli.init_distributed()
-        trainer.run(config)
-    except UserError as err:
-        exit_with(err)
-    except trainer.TrainingStopped as err:
-        exit_with(err, err.exit_code)
-    except KeyboardInterrupt:
-        exit_with(UserError("interrupted; checkpoints already in out_dir are intact"), 130)
+    entry.main(lambda: train(argv), keep_freed_memory=True,
+               interrupted="interrupted; checkpoints already in out_dir are intact")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by train.py and bench.py: the --config flag and its errors."""
+"""Command-line plumbing of train.py and benchmarks/bench.py: the --config flag and its errors."""
 
 import os
 import re

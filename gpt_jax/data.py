@@ -10,9 +10,12 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from gpt_jax import sharding
 from gpt_jax.errors import UserError
+from gpt_jax.prepare import TOKEN_DTYPE, prepare_cached
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -20,7 +23,6 @@ SHAKESPEARE_URL = (
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_ENV = "GPT_JAX_SHAKESPEARE"  # path of a local tinyshakespeare.txt
 CACHE_ENV = "GPT_JAX_CACHE"  # default root of prepared corpora and downloads
-TOKEN_DTYPE = np.uint16  # the on-disk format of train.bin / val.bin (nanoGPT's)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -133,8 +135,6 @@ def load_dataset(data_config) -> Dataset:
     if path.is_dir():
         return read_prepared(path)
     if kind == "gpt2":
-        from gpt_jax.prepare import prepare_cached  # it imports this module
-
         prepared = prepare_cached(path, cache_root(data_config), data_config.val_fraction)
     else:
         prepared = prepare_char_corpus(path, cache_root(data_config), data_config.val_fraction)
@@ -286,3 +286,32 @@ def get_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int
         starts_B = starts_B[rows]
     crops_BT = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)
     return crops_BT[:, :-1], crops_BT[:, 1:]
+
+
+def train_batch(dataset: Dataset, config, step: int, mesh=None):
+    """Returns the batch of update number step + 1 (a pure function of seed and step).
+
+    With a mesh, the batch comes back split over it; in a multi-process run each process
+    reads only the rows its devices hold.
+    """
+    batch = get_batch(dataset.train, batch_size=config.batch_size,
+                      block_size=config.model.block_size, seed=config.seed, step=step,
+                      rows=_process_rows(mesh, config.batch_size))
+    return batch if mesh is None else sharding.put_batch(batch, mesh, config.batch_size)
+
+
+def eval_batch(dataset: Dataset, config, split: str, step: int, i: int, mesh=None):
+    """Returns batch i of the loss estimate at `step` on `split` ("train" or "val"): one
+    micro-batch (batch_size / grad_accum_steps rows), from a stream of its own."""
+    batch_size = config.batch_size // config.grad_accum_steps
+    batch = get_batch(getattr(dataset, split), batch_size=batch_size,
+                      block_size=config.model.block_size, seed=config.seed,
+                      stream=2 + SPLIT_STREAMS[split], step=step * config.eval_iters + i,
+                      rows=_process_rows(mesh, batch_size))
+    return batch if mesh is None else sharding.put_batch(batch, mesh, batch_size)
+
+
+def _process_rows(mesh, batch_size: int) -> slice | None:
+    if mesh is None or jax.process_count() == 1:
+        return None
+    return sharding.local_rows(mesh, batch_size)

@@ -8,44 +8,39 @@ written: a GPT-2 BPE model uses the hub's gpt2 tokenizer; a character-level mode
 stays in the checkpoint.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-from gpt_jax.errors import UserError, exit_with
+from gpt_jax import checkpoint, entry, hf
+from gpt_jax.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        exit_with(UserError(f"{message} (see python -m gpt_jax.export --help)"))
-
-
-def main(argv: list[str]) -> None:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="out_dir of a training run")
-    p.add_argument("--out", required=True, help="directory to write (created)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    args = p.parse_args(argv)
-    try:
-        from gpt_jax import checkpoint, hf
-
-        out = Path(args.out).expanduser()
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists and is not empty: pass a new --out directory")
-        step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
-        blockers = hf.export_blockers(config)
-        if blockers:
-            raise UserError(f"{args.checkpoint} cannot be written as GPT-2: "
-                            f"{'; '.join(blockers)}")
-        hf.write(out, params, config)
-    except UserError as err:
-        exit_with(err)
+def export(args) -> None:
+    """Writes the checkpoint args name as a GPT-2 directory at args.out."""
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty: pass a new --out directory")
+    step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
+    blockers = hf.export_blockers(config)
+    if blockers:
+        raise UserError(f"{args.checkpoint} cannot be written as GPT-2: "
+                        f"{'; '.join(blockers)}")
+    hf.write(out, params, config)
     print(f"wrote {out} (GPT2LMHeadModel, {config.n_layer} layers, {config.n_embd} wide, "
           f"vocab {config.vocab_size}) from {args.checkpoint} step {step}")
     if tokenizer.to_json()["kind"] != "tiktoken":
         print(f"note: this model uses a {tokenizer.to_json()['kind']} tokenizer of "
               f"{tokenizer.vocab_size} tokens, not GPT-2's BPE; its table is in the checkpoint",
               file=sys.stderr)
+
+
+def main(argv: list[str]) -> None:
+    p = entry.ArgumentParser(command="python -m gpt_jax.export", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="out_dir of a training run")
+    p.add_argument("--out", required=True, help="directory to write (created)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    args = p.parse_args(argv)
+    entry.main(lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ again: ~12,000 page faults a step, measured with getrusage, and about a third of
 time on a 2-core VM. Past that size the step time jumped (per token, 1.5x slower at 12 rows
 than at 8). Serving large blocks from the heap and never trimming it leaves ~1,000 faults.
 
-The entry points (train.py, sample.py, bench.py) call `retain_freed_memory()` first thing,
+The entry points (train.py, sample.py, benchmarks/bench.py) call `retain_freed_memory()` first,
 before JAX starts its thread pools. It only changes where glibc gets memory: numerics are
 untouched. The cost is that the process keeps its peak host memory until it exits. Set
 GPT_JAX_GLIBC_DEFAULTS=1 to leave glibc's defaults alone.

@@ -12,7 +12,7 @@ import numpy as np
 from gpt_jax import checkpoint, host_memory, metrics, seeds
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import warn
-from gpt_jax.model import GPTConfig, count_params
+from gpt_jax.model import GPTConfig
 
 PyTree = Any  # a train state (trainer.TrainState), or lanes of them stacked
 
@@ -54,9 +54,7 @@ class Loop:
         self.steps_since_log, self.clipped_at_log = 0, None
 
     def flops_report(self, model_cfg: GPTConfig, compiled) -> str:
-        self.flops_per_token = metrics.flops_per_token(
-            count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
-            model_cfg.block_size)
+        self.flops_per_token = metrics.model_flops_per_token(model_cfg)
         self.peak, peak_source = metrics.peak_flops(self.mesh.devices.flat)
         return metrics.flops_report(len(self.lanes) * self.flops_per_token * self.tokens_per_step,
                                     metrics.xla_flops(compiled), self.peak, peak_source)

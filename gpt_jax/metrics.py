@@ -318,6 +318,14 @@ class Progress:
         self._bar.close()
 
 
+def model_flops_per_token(model_cfg) -> int:
+    """Returns flops_per_token for a GPTConfig (its non-embedding parameters, shape, context)."""
+    from gpt_jax.model import count_params  # the model, only when its FLOPs are asked for
+
+    return flops_per_token(count_params(model_cfg)["non_embedding"], model_cfg.n_layer,
+                           model_cfg.n_embd, model_cfg.block_size)
+
+
 def flops_report(formula: float, xla: float | None, peak: float, peak_source: str) -> str:
     """Returns one line: FLOPs per train step by the 6N + 12LDT formula and by XLA, and the peak."""
     line = f"FLOPs per step: {formula / 1e9:,.2f} G by 6N + 12·n_layer·n_embd·block_size"

@@ -24,6 +24,17 @@ def warmup_steps(config) -> int:
     return config.warmup_steps
 
 
+def short_warmup_note(config) -> str | None:
+    """Returns the one-line note a run prints when its warmup was shortened, else None."""
+    warmup = warmup_steps(config)
+    if warmup == config.warmup_steps:
+        return None
+    return (f"note: warmup_steps={config.warmup_steps} does not fit in the "
+            f"{decay_steps(config)}-step decay; "
+            + (f"warming up over {warmup} steps (half of it) instead" if warmup else
+               "no warmup instead"))
+
+
 def lr_schedule(config) -> optax.Schedule:
     """Returns lr(step): a linear warmup from 0 to learning_rate, then config.lr_schedule.
 

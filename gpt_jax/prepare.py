@@ -27,7 +27,6 @@ token, while the same newlines inside "a\n\nb" are two "\n" tokens.) A stretch o
 cut point makes a longer chunk.
 """
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -46,9 +45,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gpt_jax import data
-from gpt_jax.errors import UserError, exit_with
+from gpt_jax import entry
+from gpt_jax.errors import UserError
 
+TOKEN_DTYPE = np.uint16  # the on-disk format of train.bin / val.bin (nanoGPT's)
 SPLITS = ("train", "val")
 MAX_WORKERS = 8
 # Inputs under this many chunks or bytes are encoded in this process: a pool takes ~1 s to start.
@@ -101,7 +101,7 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
             "add documents")
     _check_out(out, source, overwrite)
     enc = _load_encoding(encoding)
-    if enc.n_vocab - 1 > np.iinfo(data.TOKEN_DTYPE).max:
+    if enc.n_vocab - 1 > np.iinfo(TOKEN_DTYPE).max:
         raise UserError(f"encoding {encoding!r} has {enc.n_vocab} tokens: ids above 65535 do "
                         "not fit the uint16 token format; use gpt2")
     if workers is None:
@@ -131,8 +131,8 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
         if counts["train"] == 0:
             raise UserError(f"the train split is empty: nothing in {source} starts before byte "
                             f"{split_byte:,}: lower --val_fraction")
-        meta = {
-            "tokenizer": data.TiktokenTokenizer(encoding).to_json(),
+        meta = {  # the tokenizer as data.TiktokenTokenizer(encoding).to_json() writes it
+            "tokenizer": {"kind": "tiktoken", "encoding": encoding},
             "vocab_size": enc.n_vocab,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
@@ -405,7 +405,7 @@ def _encode_task(task: tuple) -> tuple[str, int, int, np.ndarray]:
         if end_of_document:
             ids.append(_ENCODING.eot_token)
     documents = sum(end for _, end in batch)
-    return split, nbytes, documents, np.asarray(ids, dtype=data.TOKEN_DTYPE)
+    return split, nbytes, documents, np.asarray(ids, dtype=TOKEN_DTYPE)
 
 
 def _encode_into(directory: Path, tasks: Iterator[tuple], *, workers: int, encoding: str,
@@ -440,14 +440,8 @@ def _encode_into(directory: Path, tasks: Iterator[tuple], *, workers: int, encod
 # --------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        exit_with(UserError(f"{message} (see python -m gpt_jax.prepare --help)"))
-
-
 def main(argv: list[str]) -> None:
-    p = _Parser(prog="python -m gpt_jax.prepare", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = entry.ArgumentParser(prog="python -m gpt_jax.prepare", description=__doc__)
     p.add_argument("input", type=Path, help="a UTF-8 text file, a directory, or a .jsonl file")
     p.add_argument("--out", type=Path, required=True, help="directory to create")
     p.add_argument("--val_fraction", type=float, default=0.1)
@@ -457,14 +451,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--encoding", default="gpt2", help="tiktoken encoding")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared --out")
     args = p.parse_args(argv)
-    try:
-        prepare_bpe_corpus(args.input, args.out, val_fraction=args.val_fraction,
-                           workers=args.workers, text_field=args.text_field,
-                           encoding=args.encoding, overwrite=args.overwrite)
-    except UserError as err:
-        exit_with(err)
-    except KeyboardInterrupt:
-        exit_with(UserError(f"interrupted; {args.out} was left as it was"), 130)
+    entry.main(lambda: prepare_bpe_corpus(
+        args.input, args.out, val_fraction=args.val_fraction, workers=args.workers,
+        text_field=args.text_field, encoding=args.encoding, overwrite=args.overwrite),
+        interrupted=f"interrupted; {args.out} was left as it was")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ variant, the seeds' range as a band). Run directories named seed_N under a commo
 seeds of one variant (the parent's name); any other run directory is its own variant.
 """
 
-import argparse
 import json
 import re
 import statistics
@@ -18,15 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_jax import metrics
-from gpt_jax.errors import UserError, exit_with
+from gpt_jax import entry, metrics
+from gpt_jax.errors import UserError
 
 BASELINE = "baseline"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        exit_with(UserError(f"{message} (see python -m gpt_jax.report --help)"))
 
 
 def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
@@ -139,26 +133,27 @@ def plot(groups: dict[str, list[Path]], path: Path) -> None:
     plt.close(fig)
 
 
+def report(run_dirs: list[Path], out: Path) -> None:
+    """Writes the table, the plot and runs.json of run_dirs under out, and prints the table."""
+    groups = group_runs(run_dirs)
+    if BASELINE in groups:  # the reference row and colour come first
+        groups = {BASELINE: groups.pop(BASELINE), **groups}
+    rows = [summarize(name, runs) for name, runs in groups.items()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table(rows))
+    plot(groups, out / "loss.png")
+    (out / "runs.json").write_text(json.dumps(
+        {name: [str(r) for r in runs] for name, runs in groups.items()}, indent=1) + "\n")
+    print((out / "table.md").read_text())
+    print(f"wrote {out / 'table.md'} and {out / 'loss.png'}")
+
+
 def main(argv: list[str]) -> None:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = entry.ArgumentParser(command="python -m gpt_jax.report", description=__doc__)
     p.add_argument("runs", nargs="+", help="run directories (out_dirs)")
     p.add_argument("--out", required=True, help="directory for table.md and loss.png")
     args = p.parse_args(argv)
-    try:
-        groups = group_runs([Path(r) for r in args.runs])
-        if BASELINE in groups:  # the reference row and colour come first
-            groups = {BASELINE: groups.pop(BASELINE), **groups}
-        rows = [summarize(name, runs) for name, runs in groups.items()]
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(table(rows))
-        plot(groups, out / "loss.png")
-        (out / "runs.json").write_text(json.dumps(
-            {name: [str(r) for r in runs] for name, runs in groups.items()}, indent=1) + "\n")
-    except UserError as err:
-        exit_with(err)
-    print((out / "table.md").read_text())
-    print(f"wrote {out / 'table.md'} and {out / 'loss.png'}")
+    entry.main(lambda: report([Path(r) for r in args.runs], Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ unfinished ones. Runs go one at a time (one accelerator, one run), each in a fre
 `python train.py` process. Afterwards: python -m gpt_jax.report OUT/*/seed_* --out OUT/report
 """
 
-import argparse
 import itertools
 import json
 import subprocess
@@ -24,14 +23,10 @@ from pathlib import Path
 import ml_collections
 
 from gpt_jax import config as config_lib
+from gpt_jax import entry
 from gpt_jax.errors import UserError, exit_with
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        exit_with(UserError(f"{message} (see python -m gpt_jax.sweep --help)"))
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -102,46 +97,35 @@ def is_finished(out_dir: Path, max_steps: int) -> bool:
     return (out_dir / "checkpoints" / str(max_steps)).is_dir()
 
 
-def main(argv: list[str]) -> None:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file, as for train.py")
-    p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
-                   help="a field and its values; several --grid options make a product")
-    p.add_argument("--variant", action="append", default=[], metavar="'F=V F=V'",
-                   help="one variant as space-separated overrides ('' for the config itself)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="an override for every run")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: seed, seed+1, ...")
-    p.add_argument("--vmap_seeds", action="store_true",
-                   help="train a variant's seeds at once in one compiled step (jax.vmap)")
-    p.add_argument("--out", required=True, help="sweep directory")
-    p.add_argument("--dry_run", action="store_true", help="list the runs and stop")
-    args = p.parse_args(argv)
-    try:
-        if args.seeds < 1:
-            raise UserError(f"--seeds must be at least 1, got {args.seeds}")
-        base = load_config(args.config)
-        common = [parse_override(t) for t in args.set]
-        runs = []  # (overrides, config of the process, configs of its seeds)
-        for overrides in plan(args.grid, args.variant):
-            seeds = []
-            for i in range(args.seeds):
-                config = ml_collections.ConfigDict(base.to_dict())
-                for field, value in common + overrides:
-                    apply_override(config, field, value)
-                config.seed += i
-                config.out_dir = str(Path(args.out) / variant_name(overrides) /
-                                     f"seed_{config.seed}")
-                config_lib.validate(config)
-                seeds.append(config)
-            if args.vmap_seeds:
-                joint = ml_collections.ConfigDict(seeds[0].to_dict())
-                joint.vmap_seeds, joint.out_dir = args.seeds, str(Path(seeds[0].out_dir).parent)
-                runs.append((overrides, joint, seeds))
-            else:
-                runs.extend((overrides, c, [c]) for c in seeds)
-    except UserError as err:
-        exit_with(err)
+def planned_runs(args) -> list[tuple]:
+    """Returns (overrides, config of the process, configs of its seeds) for each process."""
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    base = load_config(args.config)
+    common = [parse_override(t) for t in args.set]
+    runs = []
+    for overrides in plan(args.grid, args.variant):
+        seeds = []
+        for i in range(args.seeds):
+            config = ml_collections.ConfigDict(base.to_dict())
+            for field, value in common + overrides:
+                apply_override(config, field, value)
+            config.seed += i
+            config.out_dir = str(Path(args.out) / variant_name(overrides) / f"seed_{config.seed}")
+            config_lib.validate(config)
+            seeds.append(config)
+        if args.vmap_seeds:
+            joint = ml_collections.ConfigDict(seeds[0].to_dict())
+            joint.vmap_seeds, joint.out_dir = args.seeds, str(Path(seeds[0].out_dir).parent)
+            runs.append((overrides, joint, seeds))
+        else:
+            runs.extend((overrides, c, [c]) for c in seeds)
+    return runs
+
+
+def sweep(args) -> None:
+    """Trains every run of the sweep that has not finished, one `train.py` process at a time."""
+    runs = planned_runs(args)
     n_runs = sum(len(seeds) for _, _, seeds in runs)
     print(f"sweep: {n_runs} runs ({n_runs // args.seeds} variants x {args.seeds} seeds"
           f"{', seeds in one vmapped step' if args.vmap_seeds else ''}) into {args.out}",
@@ -174,6 +158,24 @@ def main(argv: list[str]) -> None:
         print(f"{label}: done in {took:.0f} s ({total / 60:.1f} min so far)", flush=True)
     print(f"sweep finished in {(time.perf_counter() - t_start) / 60:.1f} min: python -m "
           f"gpt_jax.report {args.out}/*/seed_* --out {args.out}/report", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    p = entry.ArgumentParser(command="python -m gpt_jax.sweep", description=__doc__)
+    p.add_argument("--config", required=True, help="config file, as for train.py")
+    p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="a field and its values; several --grid options make a product")
+    p.add_argument("--variant", action="append", default=[], metavar="'F=V F=V'",
+                   help="one variant as space-separated overrides ('' for the config itself)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an override for every run")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant: seed, seed+1, ...")
+    p.add_argument("--vmap_seeds", action="store_true",
+                   help="train a variant's seeds at once in one compiled step (jax.vmap)")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--dry_run", action="store_true", help="list the runs and stop")
+    args = p.parse_args(argv)
+    entry.main(lambda: sweep(args))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

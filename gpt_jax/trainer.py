@@ -216,7 +216,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
     lanes.check_mesh(mesh)
-    _note_short_warmup(config)
+    if note := optim.short_warmup_note(config):
+        warn(note)
     lanes.open_checkpoints()
     model, tx = GPT(model_cfg), optim.make_optimizer(config)
     init = functools.partial(init_train_state, model_cfg, tx)  # init(seed, params=None)
@@ -291,15 +292,6 @@ def _prepare(config: ml_collections.ConfigDict):
         raise UserError(f"{config.out_dir} has checkpoints for some seeds only: resume each "
                         "seed_<N> alone with vmap_seeds=1, or use a new out_dir")
     return config, dataset, seeds.Lanes(configs), saved[0][0] is not None, pretrained
-
-
-def _note_short_warmup(config: ml_collections.ConfigDict) -> None:
-    warmup = optim.warmup_steps(config)
-    if warmup != config.warmup_steps:
-        warn(f"note: warmup_steps={config.warmup_steps} does not fit in the "
-             f"{optim.decay_steps(config)}-step decay; "
-             + (f"warming up over {warmup} steps (half of it) instead" if warmup else
-                "no warmup instead"))
 
 
 def _compile(step_fn, state, batch, lanes: seeds.Lanes):

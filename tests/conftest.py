@@ -48,7 +48,7 @@ def tiny_flags(out_dir) -> list[str]:
 
 
 def run_cli(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:
-    """Runs a repo script (train.py, sample.py, bench.py) in a fresh Python."""
+    """Runs a repo script (train.py, sample.py, benchmarks/bench.py) in a fresh Python."""
     env = dict(os.environ, PYTHONPATH=str(REPO), **kwargs.pop("env", {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False, **kwargs)

@@ -36,6 +36,8 @@ ROWS = {
     "negative warmup": (["--config.warmup_steps=-1"], ["warmup_steps must be >= 0"]),
     "min_lr above lr": (["--config.min_lr=0.1"], ["min_lr <= learning_rate"]),
     "unknown dtype": (["--config.model.dtype=float8"], ["model.dtype='float8' is unknown"]),
+    "unknown kernels": (["--config.model.kernels=triton"],
+                        ["model.kernels='triton' is unknown", "reference, cpu, fused"]),
     "mesh": (["--config.mesh.data=3"], ["must equal the 1 device(s)"]),
     "accumulation": (["--config.grad_accum_steps=5"], ["not divisible by grad_accum_steps=5"]),
     "out_dir under a file": (["--config.out_dir={tmp}/random.bin/run"], ["cannot be written"]),

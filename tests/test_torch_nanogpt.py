@@ -1,4 +1,4 @@
-"""The nanoGPT baseline of `bench.py --mode nanogpt` computes what gpt-jax computes.
+"""The nanoGPT baseline of `benchmarks/bench.py --mode nanogpt` computes what gpt-jax does.
 
 Same parameters in both: the same loss, the same gradients and the same first AdamW update
 (clipping, weight decay on matrices only), so the side-by-side timing compares equal work.
@@ -33,10 +33,10 @@ def test_nanogpt_baseline_matches_gpt_jax_loss_gradients_and_first_update(bias):
     require_parity_libs()
     import torch
 
-    from gpt_jax import torch_nanogpt
+    from benchmarks import torch_nanogpt
 
     config = _config(bias)
-    model_cfg = trainer.model_config(config, 65)
+    model_cfg = config_lib.model_config(config, 65)
     tx = optim.make_optimizer(config)
     state = trainer.init_train_state(model_cfg, tx, seed=0)
     params_before = _by_name(state.params, model_cfg)
@@ -81,10 +81,10 @@ def test_nanogpt_baseline_matches_gpt_jax_loss_gradients_and_first_update(bias):
 
 
 def test_nanogpt_baseline_refuses_a_model_nanogpt_cannot_express():
-    model_cfg = trainer.model_config(_config(False), 65)
+    model_cfg = config_lib.model_config(_config(False), 65)
     from dataclasses import replace
 
-    from gpt_jax import torch_nanogpt
+    from benchmarks import torch_nanogpt
 
     with pytest.raises(UserError, match="nanoGPT has no equivalent of this model: "
                                         "activation='relu'"):

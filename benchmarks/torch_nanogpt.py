@@ -8,7 +8,7 @@ which gpt-jax uses; the parity test needs it). `load_params` copies gpt-jax para
 nanoGPT's `from_pretrained` loads GPT-2: the test checks that both compute the same loss,
 gradients and first AdamW update, so the benchmark times the same work on both sides.
 
-Needs torch (the `parity` extra); nothing in training or sampling imports this module.
+Needs torch (the `parity` extra); nothing in gpt_jax/ imports this module.
 """
 
 import math

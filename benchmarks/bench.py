@@ -1,4 +1,6 @@
-"""Times the train step of a config: python bench.py --config configs/shakespeare_cpu.py
+"""Times the train step of a config.
+
+    python benchmarks/bench.py --config configs/shakespeare_cpu.py
 
 The step runs over the config's mesh, as in train.py (all devices unless --config.mesh says
 otherwise). Prints compile seconds, FLOPs per step (formula and XLA's count), steady-state
@@ -6,14 +8,15 @@ ms/step and MFU (against the peak of all the mesh's devices), then a last line
 `tokens_per_sec=N ms_per_step=N mfu=N`. No data is prepared and nothing is written: batches
 are random tokens over --vocab_size (65: tiny-shakespeare's characters).
 
---mode sample times generation instead (python bench.py --config configs/shakespeare.py
---mode sample): the config's model with random parameters, a random prompt, --new_tokens new
-tokens at batch 1 and 8, with the KV cache and by full recompute (a whole block_size window
-per token, the reference sampler), side by side. It prints compile seconds, first-token latency
-(prefill and first token) and tokens/s, then a last line `speedup_batch1=N.Nx`.
+--mode sample times generation instead (python benchmarks/bench.py --config
+configs/shakespeare.py --mode sample): the config's model with random parameters, a random
+prompt, --new_tokens new tokens at batch 1 and 8, with the KV cache and by full recompute (a
+whole block_size window per token, the reference sampler), side by side. It prints compile
+seconds, first-token latency (prefill and first token) and tokens/s, then a last line
+`speedup_batch1=N.Nx`.
 
 --mode nanogpt times the train step side by side with nanoGPT's (PyTorch eager, same shapes,
-same AdamW and clipping; gpt_jax/torch_nanogpt.py, needs torch) in one process: --rounds
+same AdamW and clipping; benchmarks/torch_nanogpt.py, needs torch) in one process: --rounds
 rounds, each --steps steps of gpt-jax and --steps of nanoGPT, in alternating order (gpt-jax
 first in odd rounds, nanoGPT first in even ones), so both see the same machine load (and the
 glibc settings of host_memory.py, which spare PyTorch's large allocations their page faults
@@ -24,11 +27,20 @@ too). It prints each round's ms/step and ratio, then a last line
 import math
 import sys
 import time
+from pathlib import Path
 
+import jax
+import numpy as np
 from absl import flags
 
-from gpt_jax import host_memory
-from gpt_jax.errors import UserError, exit_with
+from gpt_jax import cli, entry, loop, metrics, optim, sampling, sharding, trainer
+from gpt_jax import config as config_lib
+from gpt_jax.errors import UserError
+from gpt_jax.model import GPT, count_params, init_params
+
+# The repo root, as for train.py: configs import each other as `configs.X`, and this module
+# imports `benchmarks.torch_nanogpt`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt"], "What to time.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps.")
@@ -43,33 +55,28 @@ _BASELINE_TOKENS = flags.DEFINE_integer(
     "each of its steps costs the same, so tokens/s carries over)")
 
 
-def main(argv):
-    from gpt_jax import cli
+def bench(argv: list[str]) -> None:
+    config = cli.parse_config(argv)
+    if _STEPS.value < 1 or _WARMUP.value < 0 or _ROUNDS.value < 1:
+        raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if _MODE.value == "nanogpt" and config.grad_accum_steps != 1:
+        raise UserError("--mode nanogpt times one update per batch: set "
+                        "--config.grad_accum_steps=1")
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value if b.isdigit()]
+    if _MODE.value == "sample" and (_NEW_TOKENS.value < 1 or _PROMPT_TOKENS.value < 1 or
+                                    len(batch_sizes) < len(_BATCH_SIZES.value) or
+                                    min(batch_sizes, default=0) < 1):
+        raise UserError("--new_tokens, --prompt_tokens and --batch_sizes must be >= 1")
+    if _MODE.value == "sample":
+        bench_sample(config, batch_sizes)
+    elif _MODE.value == "nanogpt":
+        bench_nanogpt(config)  # a UserError without torch
+    else:
+        bench_train(config)
 
-    try:
-        host_memory.retain_freed_memory()  # before JAX starts: see gpt_jax/host_memory.py
-        config = cli.parse_config(argv)
-        if _STEPS.value < 1 or _WARMUP.value < 0 or _ROUNDS.value < 1:
-            raise UserError("--steps and --rounds must be >= 1 and --warmup >= 0")
-        if _MODE.value == "nanogpt" and config.grad_accum_steps != 1:
-            raise UserError("--mode nanogpt times one update per batch: set "
-                            "--config.grad_accum_steps=1")
-        batch_sizes = [int(b) for b in _BATCH_SIZES.value if b.isdigit()]
-        if _MODE.value == "sample" and (_NEW_TOKENS.value < 1 or _PROMPT_TOKENS.value < 1 or
-                                        len(batch_sizes) < len(_BATCH_SIZES.value) or
-                                        min(batch_sizes, default=0) < 1):
-            raise UserError("--new_tokens, --prompt_tokens and --batch_sizes must be >= 1")
-    except UserError as err:
-        exit_with(err)
-    try:
-        if _MODE.value == "sample":
-            bench_sample(config, batch_sizes)
-        elif _MODE.value == "nanogpt":
-            bench_nanogpt(config)
-        else:
-            bench_train(config)
-    except UserError as err:  # e.g. no torch for --mode nanogpt
-        exit_with(err)
+
+def main(argv: list[str]) -> None:
+    entry.main(lambda: bench(argv), keep_freed_memory=True)
 
 
 def _train_setup(config):
@@ -78,15 +85,8 @@ def _train_setup(config):
 
     Returns (step, state, batches, model config, (peak FLOP/s of the mesh, its source)).
     """
-    import jax
-    import numpy as np
-
-    from gpt_jax import config as config_lib
-    from gpt_jax import metrics, optim, sharding, trainer
-    from gpt_jax.model import GPT
-
     config_lib.validate(config)
-    model_cfg = trainer.model_config(config, _VOCAB.value)
+    model_cfg = config_lib.model_config(config, _VOCAB.value)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
     tx = optim.make_optimizer(config)
@@ -109,35 +109,27 @@ def _train_setup(config):
 
 def _timed_loop(step, state, batches):
     """Returns run(n) -> seconds: n paced steps, as train.py's loop runs them."""
-    import jax
-
-    pace = host_memory.StepPacer(step)
+    pace = loop.StepPacer(step)
 
     def run(n):
         nonlocal state
         t0 = time.perf_counter()
+        step_metrics = None  # --warmup 0 runs no step
         for i in range(n):
-            state, metrics = step(state, batches[i % len(batches)])
-            pace(metrics)
-        jax.block_until_ready(metrics)
+            state, step_metrics = step(state, batches[i % len(batches)])
+            pace(step_metrics)
+        jax.block_until_ready(step_metrics)
         return time.perf_counter() - t0
 
     return run
 
 
 def bench_train(config):
-    from gpt_jax import metrics
-    from gpt_jax.model import count_params
-
     step, state, batches, model_cfg, (peak, peak_source) = _train_setup(config)
     tokens_per_step = config.batch_size * model_cfg.block_size
-    flops_per_token = metrics.flops_per_token(
-        count_params(model_cfg)["non_embedding"], model_cfg.n_layer, model_cfg.n_embd,
-        model_cfg.block_size)
-    xla = metrics.xla_flops(step)
-    print(f"FLOPs per step: {flops_per_token * tokens_per_step / 1e9:.2f} G by 6N + 12LDT"
-          + (f", {xla / 1e9:.2f} G by XLA's cost analysis" if xla else "")
-          + f"; peak {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
+    flops_per_token = metrics.model_flops_per_token(model_cfg)
+    print(metrics.flops_report(flops_per_token * tokens_per_step, metrics.xla_flops(step), peak,
+                               peak_source))  # train.py's line
 
     run = _timed_loop(step, state, batches)
     run(_WARMUP.value)
@@ -150,11 +142,9 @@ def bench_train(config):
 
 
 def bench_nanogpt(config):
-    import numpy as np
+    from benchmarks import torch_nanogpt  # PyTorch: only this mode needs it
 
-    from gpt_jax import torch_nanogpt, trainer
-
-    model_cfg = trainer.model_config(config, _VOCAB.value)
+    model_cfg = config_lib.model_config(config, _VOCAB.value)
     model = torch_nanogpt.build(model_cfg, seed=config.seed)  # refuses what nanoGPT lacks
     torch = torch_nanogpt.require_torch()
     step, state, batches, model_cfg, _ = _train_setup(config)
@@ -197,12 +187,7 @@ def bench_nanogpt(config):
 
 
 def bench_sample(config, batch_sizes: list[int]) -> None:
-    import jax
-
-    from gpt_jax import trainer
-    from gpt_jax.model import count_params, init_params
-
-    cfg = trainer.model_config(config, _VOCAB.value)
+    cfg = config_lib.model_config(config, _VOCAB.value)
     params = init_params(cfg, jax.random.PRNGKey(config.seed))
     print(f"backend: {jax.default_backend()} ({jax.device_count()} device(s))")
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, block_size "
@@ -220,10 +205,6 @@ def bench_sample(config, batch_sizes: list[int]) -> None:
 
 def _bench_batch(params, cfg, batch: int) -> float:
     """Times one batch size with the KV cache and by full recompute; returns the speedup."""
-    import numpy as np
-
-    from gpt_jax import sampling
-
     n = _NEW_TOKENS.value
     rng = np.random.default_rng(batch)
     prompts = rng.integers(0, cfg.vocab_size, (batch, _PROMPT_TOKENS.value)).tolist()

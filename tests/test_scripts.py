@@ -1,4 +1,4 @@
-"""train.py, sample.py and bench.py as a user runs them, in fresh processes."""
+"""train.py, sample.py and benchmarks/bench.py as a user runs them, in fresh processes."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, run_cli, tiny_flags
 
 CPU = "configs/shakespeare_cpu.py"
+BENCH = "benchmarks/bench.py"
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
 
 
 def test_bench_prints_the_closing_line():
-    result = run_cli("bench.py", "--config", CPU, "--steps", "3", "--warmup", "1",
+    result = run_cli(BENCH, "--config", CPU, "--steps", "3", "--warmup", "1",
                      "--config.model.n_layer=1", "--config.model.n_embd=32",
                      "--config.model.n_head=2")
     assert result.returncode == 0, result.stderr
@@ -200,12 +201,12 @@ def test_bench_times_the_configs_mesh_like_train():
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     tiny = ["--steps", "2", "--warmup", "1", "--config.model.n_layer=1",
             "--config.model.n_embd=32", "--config.model.n_head=2", "--config.batch_size=8"]
-    result = run_cli("bench.py", "--config", CPU, *tiny, "--config.mesh.fsdp=4", env=eight)
+    result = run_cli(BENCH, "--config", CPU, *tiny, "--config.mesh.fsdp=4", env=eight)
     assert result.returncode == 0, result.stderr
     assert "backend: cpu (8 device(s): data=2 x fsdp=4)" in result.stdout
     # The eight simulated devices share the host's cores: the probe's peak, counted once.
     assert "(float32 matmul probe)" in result.stdout
-    odd = run_cli("bench.py", "--config", CPU, *tiny, "--config.batch_size=12", env=eight)
+    odd = run_cli(BENCH, "--config", CPU, *tiny, "--config.batch_size=12", env=eight)
     assert odd.returncode == 2
     assert odd.stderr.strip() == ("error: batch_size=12 does not split evenly over 8 device(s) "
                                   "× 1 micro-batch(es): make it a multiple of 8")
@@ -215,7 +216,7 @@ def test_bench_nanogpt_mode_alternates_rounds_and_ends_with_the_ratio():
     from conftest import require_parity_libs
 
     require_parity_libs()
-    result = run_cli("bench.py", "--config", CPU, "--mode", "nanogpt", "--steps", "2",
+    result = run_cli(BENCH, "--config", CPU, "--mode", "nanogpt", "--steps", "2",
                      "--rounds", "3", "--warmup", "1", "--config.model.n_layer=1",
                      "--config.model.n_embd=32", "--config.model.n_head=2")
     assert result.returncode == 0, result.stderr
@@ -228,7 +229,7 @@ def test_bench_nanogpt_mode_alternates_rounds_and_ends_with_the_ratio():
 
 
 def test_bench_nanogpt_mode_refuses_what_nanogpt_cannot_run():
-    result = run_cli("bench.py", "--config", CPU, "--mode", "nanogpt",
+    result = run_cli(BENCH, "--config", CPU, "--mode", "nanogpt",
                      "--config.model.activation=relu")
     assert result.returncode == 2
     assert result.stderr.strip() == (
@@ -237,7 +238,7 @@ def test_bench_nanogpt_mode_refuses_what_nanogpt_cannot_run():
 
 
 def test_a_bad_value_for_a_script_flag_names_that_flag_not_the_config():
-    result = run_cli("bench.py", "--config", CPU, "--mode", "bogus")
+    result = run_cli(BENCH, "--config", CPU, "--mode", "bogus")
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: bad value for --mode: value should be one of <train|sample|nanogpt> "
@@ -245,7 +246,7 @@ def test_a_bad_value_for_a_script_flag_names_that_flag_not_the_config():
 
 
 def test_bench_sample_mode_ends_with_the_speedup():
-    result = run_cli("bench.py", "--config", CPU, "--mode", "sample", "--new_tokens", "20",
+    result = run_cli(BENCH, "--config", CPU, "--mode", "sample", "--new_tokens", "20",
                      "--prompt_tokens", "8", "--batch_sizes", "1,2", "--config.model.n_layer=1",
                      "--config.model.n_embd=32", "--config.model.n_head=2")
     assert result.returncode == 0, result.stderr
