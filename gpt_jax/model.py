@@ -65,6 +65,11 @@ class GPTConfig:
         return jnp.dtype(self.dtype)
 
 
+def kernels_of(config: GPTConfig) -> kernels.Kernels:
+    """Returns the kernel set config.kernels (and the older config.attention) names."""
+    return kernels.select(config.kernels, config.attention)
+
+
 class Dense(nn.Module):
     """y = x W + b, the kernel initialised N(0, std), the bias 0; the matmul is the kernel set's."""
 
@@ -103,11 +108,6 @@ class Dropout(nn.Module):
         if deterministic or self.config.dropout == 0.0:
             return None
         return self.make_rng("dropout")
-
-
-def kernels_of(config: GPTConfig) -> kernels.Kernels:
-    """Returns the kernel set config.kernels (and the older config.attention) names."""
-    return kernels.select(config.kernels, config.attention)
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
