@@ -29,18 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-from absl import flags
-
-from gpt_jax import cli, entry, loop, metrics, optim, sampling, sharding, trainer
-from gpt_jax import config as config_lib
-from gpt_jax.errors import UserError
-from gpt_jax.model import GPT, count_params, init_params
-
 # The repo root, as for train.py: configs import each other as `configs.X`, and this module
 # imports `benchmarks.torch_nanogpt`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402 (after the path: gpt_jax may not be installed)
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from gpt_jax import cli, entry, loop, metrics, optim, sampling, sharding, trainer  # noqa: E402
+from gpt_jax import config as config_lib  # noqa: E402
+from gpt_jax.errors import UserError  # noqa: E402
+from gpt_jax.model import GPT, count_params, init_params  # noqa: E402
 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt"], "What to time.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps.")

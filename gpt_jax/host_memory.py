@@ -16,7 +16,7 @@ A kept heap has one catch. XLA frees a step's temporary buffer a few millisecond
 step's outputs are ready (1-6 ms measured), so a loop that dispatches the next step at once
 finds the old buffer still held, takes a fresh one past it, and the heap fragments several
 buffers deep: the baby GPT at batch 64 (6.9 GiB of temp) reached 20 GiB resident after six
-steps. The training loop's pacer (trainer.StepPacer) keeps the loop at most one step ahead
+steps. The training loop's pacer (loop.StepPacer) keeps the loop at most one step ahead
 of XLA on a CPU and, for steps with a large temporary buffer, runs one step at a time and
 waits until XLA has handed the last buffer back (watched with `heap_in_use_counter`): the
 heap then holds one buffer.

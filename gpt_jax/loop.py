@@ -12,7 +12,6 @@ import numpy as np
 from gpt_jax import checkpoint, host_memory, metrics, seeds
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import warn
-from gpt_jax.model import GPTConfig
 
 PyTree = Any  # a train state (trainer.TrainState), or lanes of them stacked
 
@@ -34,13 +33,19 @@ SLOW_RUN_S = 3600  # a CPU run with more left than this is pointed at the CPU re
 class Loop:
     """The training loop's log lines, evaluations and saves, and what they keep between steps."""
 
-    def __init__(self, config, lanes: seeds.Lanes, dataset, mesh, estimate_loss, schedule,
-                 tokenizer_table: dict, start: int):
-        """estimate_loss(params, dataset, config, step, mesh) -> {"train": loss, "val": loss}."""
+    def __init__(self, config, lanes: seeds.Lanes, dataset, mesh, *, start: int, schedule,
+                 estimate_loss, tokenizer_table: dict, flops_per_token: float, peak: float):
+        """Starts the loop's clock (and progress bar) at step `start`.
+
+        estimate_loss(params, dataset, config, step, mesh) -> {"train": loss, "val": loss};
+        peak: the mesh's FLOP/s, which MFU is measured against.
+        """
         self.config, self.lanes, self.dataset, self.mesh = config, lanes, dataset, mesh
         self.estimate_loss, self.schedule = estimate_loss, schedule
         self.tokenizer_table = tokenizer_table
-        self.start = self.saved_at = start  # saved_at: the newest step saved
+        self.flops_per_token, self.peak = flops_per_token, peak
+        # saved_at, logged_at: the newest step saved, and logged
+        self.start = self.saved_at = self.logged_at = start
         self.tokens_per_step = config.batch_size * config.model.block_size
         self.progress = metrics.Progress(config.progress_bar, config.max_steps, start)
         self.clock = metrics.LoopClock()
@@ -51,16 +56,15 @@ class Loop:
         self.last_eval, self.eval_round_s = {}, None  # eval_round_s: the last one, all seeds
         # The loop's wall time at its last record, and the evaluations' and saves' share of it.
         self.loop_s, self.aside, self.finishing = 0.0, dict(self.clock.totals), {}
-        self.steps_since_log, self.clipped_at_log = 0, None
+        self.clipped_at_log = None  # each lane's count of clipped steps at the last record
 
-    def flops_report(self, model_cfg: GPTConfig, compiled) -> str:
-        self.flops_per_token = metrics.model_flops_per_token(model_cfg)
-        self.peak, peak_source = metrics.peak_flops(self.mesh.devices.flat)
-        return metrics.flops_report(len(self.lanes) * self.flops_per_token * self.tokens_per_step,
-                                    metrics.xla_flops(compiled), self.peak, peak_source)
+    def begin(self, state: PyTree) -> None:
+        """Evaluates and logs step 0 when the run is fresh; notes where the counts start."""
+        if self.start == 0:
+            self._first_record(state)
+        self.clipped_at_log = np.asarray(state.clipped_steps)
 
-    def first_record(self, state: PyTree) -> None:
-        """Evaluates and logs step 0 (a fresh run)."""
+    def _first_record(self, state: PyTree) -> None:
         for k in range(len(self.lanes)):
             record = {"step": 0, "lr": float(self.schedule(0))}
             self._evaluate(state, 0, k, record)
@@ -90,7 +94,7 @@ class Loop:
 
     def record(self, state: PyTree, step_metrics: dict, step: int) -> None:
         """Logs step `step` for every lane: its figures, timing and (when due) evaluation."""
-        lanes, steps = self.lanes, self.steps_since_log
+        lanes, steps = self.lanes, step - self.logged_at
         # The interval ends when its work is done and its figures are fetched.
         records = [_step_record(step, lanes.part(step_metrics, k), lanes.part(state, k), c,
                                 self.schedule, int(lanes.part(self.clipped_at_log, k)), steps)
@@ -112,11 +116,11 @@ class Loop:
             lanes.write(k, record, self.progress.say)
         if is_eval:
             self.eval_round_s = self.clock.totals["eval_s"] - evals_before
-        if step - steps == self.start:  # the first interval of this process
+        if self.logged_at == self.start:  # the first interval of this process
             _suggest_cpu_recipe(record["eta_s"])
         self.progress.show_loss(record["train_loss"])
         self.clipped_at_log = np.asarray(state.clipped_steps)
-        self.steps_since_log = 0
+        self.logged_at = step
 
     def _evaluate(self, state: PyTree, step: int, k: int, record: dict) -> None:
         # Say what is coming before an evaluation that may take a while: the first one (its

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 import tqdm
 
+from gpt_jax.model import count_params
+
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Returns the mean next-token cross-entropy in float32."""
@@ -320,8 +322,6 @@ class Progress:
 
 def model_flops_per_token(model_cfg) -> int:
     """Returns flops_per_token for a GPTConfig (its non-embedding parameters, shape, context)."""
-    from gpt_jax.model import count_params  # the model, only when its FLOPs are asked for
-
     return flops_per_token(count_params(model_cfg)["non_embedding"], model_cfg.n_layer,
                            model_cfg.n_embd, model_cfg.block_size)
 

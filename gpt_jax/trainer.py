@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from gpt_jax import checkpoint, data, hf, metrics, optim, seeds, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
-from gpt_jax.loop import Loop, StepPacer, StopRequests, TrainingStopped  # noqa: F401
+from gpt_jax.loop import Loop, StepPacer, StopRequests
 from gpt_jax.metrics import log, warn
 from gpt_jax.model import GPT, GPTConfig, init_params, size_report
 
@@ -167,11 +167,15 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_ste
                    donate_argnums=0, out_shardings=out_shardings)
 
 
+def eval_step(params: PyTree, batch, *, model: GPT, mesh: Mesh) -> jax.Array:
+    """Returns the mean loss over the global batch, dropout off."""
+    return sharding.over_batch(functools.partial(_local_loss, model=model, mesh=mesh), mesh,
+                               params, batch)
+
+
 def make_eval_step(model: GPT, mesh: Mesh | None = None):
-    """Returns a jitted (params, batch) -> mean loss over the global batch, dropout off."""
-    mesh = mesh or default_mesh()
-    return jax.jit(lambda params, batch: sharding.over_batch(
-        functools.partial(_local_loss, model=model, mesh=mesh), mesh, params, batch))
+    """Returns eval_step (params, batch) -> loss, jit-compiled."""
+    return jax.jit(functools.partial(eval_step, model=model, mesh=mesh or default_mesh()))
 
 
 def _local_loss(params_local, batch_local, *, specs, model, mesh):
@@ -237,24 +241,22 @@ def run(config: ml_collections.ConfigDict) -> dict:
         train_step, model=model, tx=tx, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
         grad_clip=config.grad_clip), (shardings, NamedSharding(mesh, P())))
     compiled = _compile(step_fn, state, lanes.batch(dataset, start, mesh), lanes)
-    loop = Loop(config, lanes, dataset, mesh,
-                functools.partial(estimate_loss, make_eval_step(model, mesh)),
-                optim.lr_schedule(config), dataset.tokenizer.to_json(), start)
-    log(loop.flops_report(model_cfg, compiled))
+    flops_per_token, peak = _report_flops(model_cfg, compiled, config, len(lanes), mesh)
+    loop = Loop(config, lanes, dataset, mesh, start=start, schedule=optim.lr_schedule(config),
+                estimate_loss=functools.partial(estimate_loss, make_eval_step(model, mesh)),
+                tokenizer_table=dataset.tokenizer.to_json(), flops_per_token=flops_per_token,
+                peak=peak)
     step = start
     try:
         with StopRequests() as stop:
-            if start == 0:
-                loop.first_record(state)
+            loop.begin(state)  # a fresh run evaluates step 0
             pace = StepPacer(compiled)  # at most one step ahead on a CPU
-            loop.clipped_at_log = np.asarray(state.clipped_steps)
             while step < config.max_steps:
                 if stop.signum is not None:
                     loop.stop(state, step, stop.signum)
                 state, step_metrics = compiled(state, lanes.batch(dataset, step, mesh))
                 pace(step_metrics)
                 step += 1
-                loop.steps_since_log += 1
                 if step % config.checkpoint_interval == 0 or step == config.max_steps:
                     loop.save(state, step)
                 if step % config.log_interval == 0 or step in loop.eval_steps:
@@ -303,6 +305,17 @@ def _compile(step_fn, state, batch, lanes: seeds.Lanes):
         + (" (from the persistent compilation cache)" if hits.count else "")
         + (f", {len(lanes)} seeds in one step (vmap)" if lanes.vmapped else ""))
     return compiled
+
+
+def _report_flops(model_cfg: GPTConfig, compiled, config, n_lanes: int, mesh: Mesh):
+    """Logs the FLOPs of one train step and the peak MFU is measured against; returns
+    (FLOPs per token, peak FLOP/s of the mesh)."""
+    flops_per_token = metrics.model_flops_per_token(model_cfg)
+    peak, peak_source = metrics.peak_flops(mesh.devices.flat)
+    tokens_per_step = config.batch_size * model_cfg.block_size
+    log(metrics.flops_report(n_lanes * flops_per_token * tokens_per_step,
+                             metrics.xla_flops(compiled), peak, peak_source))
+    return flops_per_token, peak
 
 
 def _enable_compile_cache(config: ml_collections.ConfigDict) -> None:

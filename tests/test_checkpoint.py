@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-from gpt_jax import checkpoint, trainer
+from gpt_jax import checkpoint, kernels, trainer
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 
@@ -33,7 +33,8 @@ def test_latest_metadata_and_what_may_change_between_runs(tiny_config, tmp_path)
     assert checkpoint.latest_metadata(tmp_path / "none") == (None, None)
     meta = _saved(tiny_config)
     saved_config, tokenizer = meta
-    assert saved_config["model"]["kernels"] == "cpu"  # saved resolved, like the dtype
+    # saved resolved, like the dtype
+    assert saved_config["model"]["kernels"] == kernels.resolve("auto", jax.default_backend())
     config = config_lib.resolve_backend_fields(tiny_config, jax.default_backend())
     for field, value in (("kernels", "reference"), ("attention", "einsum"), ("dropout", 0.3),
                          ("dtype", "bfloat16")):

@@ -9,8 +9,9 @@ A kernel set is a handful of functions with plain signatures (see `Kernels`). Th
              batch halves, dropout masks from a fused Threefry (bit for bit jax.random's).
   fused      jax.nn.dot_product_attention (cuDNN flash attention on GPUs); the rest reference.
 
-`model.kernels` picks one; `auto` is resolved once, with the compute dtype, by
-config.kernel_set: cpu on XLA:CPU, fused on GPUs and TPUs.
+`model.kernels` picks one; a run resolves `auto` once, with the compute dtype, in
+config.resolve_backend_fields: cpu on XLA:CPU, fused on GPUs and TPUs. (A GPTConfig built
+directly, e.g. by sampling from a checkpoint, resolves it in `select`, on the default backend.)
 """
 
 import dataclasses

@@ -17,7 +17,7 @@ dropout = reference.dropout
 def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
                      dropout_rate: float, rng: jax.Array | None, dtype) -> jax.Array:
     """Returns causal softmax attention, (B, T, H, K), by one fused op (dropout: reference)."""
-    if rng is not None and dropout_rate > 0:
+    if rng is not None:  # None: dropout off (deterministic, or a rate of 0)
         return reference.causal_attention(q_BTHK, k_BTHK, v_BTHK, dropout_rate=dropout_rate,
                                           rng=rng, dtype=dtype)
     return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True)
