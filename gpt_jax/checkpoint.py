@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from gpt_jax import data
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
-from gpt_jax.model import GPTConfig, abstract_params
+from gpt_jax.model import GPTConfig, abstract_params, effective_fields, saved_model_fields
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -128,7 +128,7 @@ def load_model(out_dir, step: int | None = None):
         tokenizer = data.tokenizer_from_json(tokenizer_table)
         # The kernels are this machine's choice, not the one the run was trained on.
         config = GPTConfig(vocab_size=tokenizer.vocab_size,
-                           **{**saved_config["model"], "kernels": "auto"})
+                           **{**saved_model_fields(saved_config["model"]), "kernels": "auto"})
         params = restore_params(manager, step, abstract_params(config))
     except DamagedCheckpoint as err:
         older = sorted(s for s in manager.all_steps() if s < step)
@@ -195,10 +195,12 @@ FREE_MODEL_FIELDS = ("dropout", "dtype", "kernels", "attention")
 def check_compatible(config, saved: tuple[dict, dict], tokenizer_table: dict) -> None:
     """Raises UserError when out_dir's checkpoint was made by another model or tokenizer."""
     saved_config, saved_tokenizer = saved
-    # Fields added since a checkpoint was written take their default (what it was trained with).
+    # Fields added since a checkpoint was written take the value it was trained with.
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
-    saved_model = {**defaults, **saved_config.get("model", {})}
-    diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in config.model.to_dict().items()
+    saved_model = effective_fields({**defaults,
+                                    **saved_model_fields(saved_config.get("model", {}))})
+    model = effective_fields(config.model.to_dict())
+    diffs = [f"{k} {saved_model.get(k)!r} vs {v!r}" for k, v in model.items()
              if saved_model.get(k) != v and k not in FREE_MODEL_FIELDS]
     if diffs:
         raise UserError(f"{config.out_dir} holds a checkpoint of a different model "

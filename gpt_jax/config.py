@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
     # fused (jax.nn.dot_product_attention) | auto: cpu on a CPU, fused on GPU/TPU.
     c.model.kernels = "auto"
     c.model.attention = "auto"  # the older switch: fused | einsum overrides the attention kernel
+    # None: the source's choice. embed_scale: sqrt(n_embd) with sinusoidal positions (the
+    # Transformer's), else 1. final_norm: GPT-2's ln_f with pre-LN, none with post-LN.
+    c.model.embed_scale = ml_collections.config_dict.placeholder(float)
+    c.model.final_norm = ml_collections.config_dict.placeholder(bool)
     c.model.tie_embeddings = True
     c.model.dtype = "auto"  # compute dtype: auto is bfloat16 on GPU/TPU, float32 on CPU
     return c

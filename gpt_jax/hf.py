@@ -19,7 +19,7 @@ import numpy as np
 
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
-from gpt_jax.model import GPTConfig, abstract_params
+from gpt_jax.model import GPTConfig, abstract_params, saved_model_fields
 
 # The published GPT-2 sizes: hub name -> (n_layer, n_head, n_embd); all use context 1024.
 GPT2_SIZES = {
@@ -231,6 +231,11 @@ def export_blockers(config: GPTConfig) -> list[str]:
                        "sublayer)")
     if config.activation != "gelu":
         reasons.append(f"activation={config.activation!r} (GPT-2's MLP uses tanh-GELU)")
+    if config.token_scale != 1.0:
+        reasons.append(f"embed_scale={config.token_scale:g} (GPT-2 adds its token embeddings "
+                       "unscaled)")
+    if not config.has_final_norm:
+        reasons.append("final_norm=False (GPT-2 ends in a LayerNorm, ln_f)")
     return reasons
 
 
@@ -298,7 +303,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 # The fields a pretrained model fixes in config.model (block_size only as an upper bound).
 SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias",
-                "pos_encoding", "tie_embeddings", "norm_position", "activation")
+                "pos_encoding", "tie_embeddings", "norm_position", "activation", "embed_scale",
+                "final_norm")
 
 
 def resolve_init_from(config, saved_config: dict | None, vocab_size: int):
@@ -311,7 +317,8 @@ def resolve_init_from(config, saved_config: dict | None, vocab_size: int):
     """
     config = ml_collections.ConfigDict(config.to_dict())
     if saved_config is not None:
-        config.model.update({k: saved_config["model"][k] for k in SHAPE_FIELDS})
+        saved_model = saved_model_fields(saved_config["model"])
+        config.model.update({k: saved_model[k] for k in SHAPE_FIELDS})
         return config, None
     hf_cfg, params = load(config.init_from, block_size=config.model.block_size)
     if hf_cfg.vocab_size != vocab_size:

@@ -36,6 +36,12 @@ class GPTConfig:
     # auto (cpu on XLA:CPU, fused on GPU/TPU). The numbers are the same to float32 rounding.
     kernels: str = "auto"
     attention: str = "auto"  # the older switch: fused | einsum overrides the set's attention
+    # Token embeddings times this before positions are added. None: the source's choice,
+    # sqrt(n_embd) with sinusoidal positions ("Attention is all you need", 3.4), else 1.
+    embed_scale: float | None = None
+    # A LayerNorm (ln_f) after the last block. None: the source's choice, GPT-2's ln_f with
+    # pre-LN; none with post-LN, whose blocks already end in a LayerNorm (the Transformer).
+    final_norm: bool | None = None
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
@@ -52,6 +58,9 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.embed_scale is not None and not self.embed_scale > 0:
+            raise UserError(f"model.embed_scale must be positive (or None: the source's "
+                            f"choice), got {self.embed_scale}")
         for name, allowed in (("pos_encoding", POS_ENCODINGS),
                               ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
                               ("kernels", kernels.KERNEL_SETS),
@@ -64,10 +73,40 @@ class GPTConfig:
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+    @property
+    def token_scale(self) -> float:
+        """Returns the factor on the token embeddings (embed_scale, or the source's choice)."""
+        if self.embed_scale is not None:
+            return float(self.embed_scale)
+        return math.sqrt(self.n_embd) if self.pos_encoding == "sinusoidal" else 1.0
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Returns whether a LayerNorm follows the last block (final_norm, or the source's)."""
+        return self.norm_position == "pre" if self.final_norm is None else self.final_norm
+
 
 def kernels_of(config: GPTConfig) -> kernels.Kernels:
     """Returns the kernel set config.kernels (and the older config.attention) names."""
     return kernels.select(config.kernels, config.attention)
+
+
+# Fields added after checkpoints were first written, with the value those checkpoints were
+# trained with: a saved config without the field predates it.
+LEGACY_FIELDS = {"embed_scale": 1.0, "final_norm": True}
+
+
+def saved_model_fields(model: dict) -> dict:
+    """Returns a saved config's model fields with the legacy values of those it lacks."""
+    return {**LEGACY_FIELDS, **model}
+
+
+def effective_fields(model: dict) -> dict:
+    """Returns model fields with embed_scale and final_norm as the model applies them (their
+    None resolved), so that two configs of one model compare equal."""
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    cfg = GPTConfig(**{"vocab_size": 1, **{k: v for k, v in model.items() if k in names}})
+    return {**model, "embed_scale": cfg.token_scale, "final_norm": cfg.has_final_norm}
 
 
 class Dense(nn.Module):
@@ -237,6 +276,8 @@ class GPT(nn.Module):
             cfg.vocab_size, cfg.n_embd, embedding_init=nn.initializers.normal(0.02), name="wte"
         )
         x_BTD = wte(idx_BT)
+        if cfg.token_scale != 1.0:
+            x_BTD = x_BTD * cfg.token_scale
         if cfg.pos_encoding == "learned":
             wpe_SD = self.param("wpe", nn.initializers.normal(0.02), (cfg.block_size, cfg.n_embd))
         elif cfg.pos_encoding == "sinusoidal":
@@ -254,7 +295,9 @@ class GPT(nn.Module):
         x_BTD = Dropout(cfg)(x_BTD, deterministic)
         for i in range(cfg.n_layer):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT)
-        x_BTD = _layer_norm(cfg, "ln_f")(x_BTD).astype(cfg.compute_dtype)
+        if cfg.has_final_norm:
+            x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+        x_BTD = x_BTD.astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             logits_BTV = kernels_of(cfg).logits(*promote_dtype(x_BTD, wte.embedding))
         else:

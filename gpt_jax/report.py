@@ -42,7 +42,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _params(run: Path) -> int | None:
     """Returns the parameter count of a run's model, from its newest checkpoint's config."""
     from gpt_jax import checkpoint, data
-    from gpt_jax.model import GPTConfig, count_params
+    from gpt_jax.model import GPTConfig, count_params, saved_model_fields
 
     if not checkpoint.has_checkpoint(run):
         return None
@@ -50,7 +50,7 @@ def _params(run: Path) -> int | None:
     saved, tokenizer = checkpoint.read_metadata(manager, manager.latest_step())
     manager.close()
     vocab = data.tokenizer_from_json(tokenizer).vocab_size
-    return count_params(GPTConfig(vocab_size=vocab, **saved["model"]))["total"]
+    return count_params(GPTConfig(vocab_size=vocab, **saved_model_fields(saved["model"])))["total"]
 
 
 def summarize(name: str, runs: list[Path]) -> dict:

@@ -48,6 +48,11 @@ def apply_override(config: ml_collections.ConfigDict, field: str, value: str) ->
     if leaf not in holder:
         raise UserError(f"unknown field {field!r}: see gpt_jax/config.py for the fields")
     default = holder[leaf]
+    if default is None:  # a placeholder (None: the source's choice): typed as declared
+        if value.lower() == "none":
+            holder[leaf] = None
+            return
+        default = holder.get_ref(leaf).get_type()()
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
@@ -143,7 +148,9 @@ def sweep(args) -> None:
         for c in seeds:
             Path(c.out_dir).mkdir(parents=True, exist_ok=True)
             (Path(c.out_dir) / "config.json").write_text(json.dumps(c.to_dict(), indent=1) + "\n")
-        flags = [f"--config.{k}={v}" for k, v in _flatten(config.to_dict()).items()]
+        # None is a placeholder's default, which a flag cannot spell: leave it unset.
+        flags = [f"--config.{k}={v}" for k, v in _flatten(config.to_dict()).items()
+                 if v is not None]
         t0 = time.perf_counter()
         log = Path(config.out_dir) / "train.log"
         with open(log, "a") as f:

@@ -1,11 +1,12 @@
 """Checkpoints: out_dir checks, the metadata a resume reads, and what may change between runs."""
 
+import json
 import os
 
 import jax
 import pytest
 
-from gpt_jax import checkpoint, kernels, trainer
+from gpt_jax import checkpoint, kernels, sampling, trainer
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 
@@ -62,3 +63,30 @@ def test_damaged_metadata_is_set_aside_and_the_previous_checkpoint_read(tiny_con
     step, _ = checkpoint.latest_metadata(tiny_config.out_dir)
     assert step == tiny_config.max_steps - tiny_config.checkpoint_interval
     assert "is damaged" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_embed_scale_and_final_norm_loads_as_trained(tiny_config):
+    # Before these fields existed, sinusoidal runs had no embedding scale and post-LN runs an
+    # ln_f on top; a saved config without the fields reads as that model.
+    tiny_config.model.pos_encoding, tiny_config.model.norm_position = "sinusoidal", "post"
+    tiny_config.model.embed_scale, tiny_config.model.final_norm = 1.0, True
+    trainer.run(tiny_config)
+    step = tiny_config.max_steps
+    metadata = checkpoint.checkpoint_dir(tiny_config.out_dir) / str(step) / "config" / "metadata"
+    saved = json.loads(metadata.read_text())
+    for field in ("embed_scale", "final_norm"):
+        del saved["model"][field]
+    metadata.write_text(json.dumps(saved))
+    _, model_cfg, params, _ = checkpoint.load_model(tiny_config.out_dir)
+    assert (model_cfg.token_scale, model_cfg.has_final_norm) == (1.0, True) and "ln_f" in params
+    tokens = sampling.generate(params, model_cfg, [[1, 2, 3]], max_new_tokens=4,
+                               temperature=0.0)
+    assert len(tokens[0]) == 4
+    # A resume with the settings it was trained with passes; the new defaults are refused.
+    config = config_lib.resolve_backend_fields(tiny_config, jax.default_backend())
+    _, (saved_config, tokenizer) = checkpoint.latest_metadata(tiny_config.out_dir)
+    assert "embed_scale" not in saved_config["model"]
+    checkpoint.check_compatible(config, (saved_config, tokenizer), tokenizer)
+    config.model.embed_scale, config.model.final_norm = None, None
+    with pytest.raises(UserError, match="embed_scale 1.0 vs 5.65"):
+        checkpoint.check_compatible(config, (saved_config, tokenizer), tokenizer)

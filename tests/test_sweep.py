@@ -31,6 +31,10 @@ def test_overrides_are_typed_and_checked():
         sweep.apply_override(config, "model.n_lyer", "2")
     with pytest.raises(UserError, match="expected a int"):
         sweep.apply_override(config, "max_steps", "many")
+    # Fields whose default is None (the source's choice) take their declared type.
+    sweep.apply_override(config, "model.embed_scale", "2")
+    sweep.apply_override(config, "model.final_norm", "false")
+    assert (config.model.embed_scale, config.model.final_norm) == (2.0, False)
 
 
 def test_sweep_runs_skips_finished_and_reports(tmp_path):
