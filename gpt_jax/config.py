@@ -3,8 +3,8 @@
 import jax
 import ml_collections
 
-from gpt_jax import kernels
 from gpt_jax.errors import UserError
+from gpt_jax.kernels import sets as kernels
 from gpt_jax.model import GPTConfig
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from gpt_jax import kernels
 from gpt_jax.errors import UserError
+from gpt_jax.kernels import sets as kernels
 
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("pre", "post")

@@ -6,9 +6,10 @@ import os
 import jax
 import pytest
 
-from gpt_jax import checkpoint, kernels, sampling, trainer
+from gpt_jax import checkpoint, sampling, trainer
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
+from gpt_jax.kernels import sets as kernels
 
 
 def test_out_dir_must_be_a_writable_directory(tmp_path):

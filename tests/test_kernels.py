@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import kernels
 from gpt_jax.kernels import cpu, fused, reference, threefry
+from gpt_jax.kernels import sets as kernels
 from gpt_jax.model import GPT, GPTConfig, init_params
 
 KEYS = {"raw": jax.random.PRNGKey(3), "typed": jax.random.key(7)}
