@@ -26,7 +26,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.max_steps = 5000  # optimizer updates in the whole run
     c.eval_interval = 250
-    c.eval_iters = 200  # batches per split in each loss estimate
+    # How train and val loss are measured every eval_interval steps. "fixed": over the same
+    # windows in every run of a corpus (its non-overlapping block_size windows, evenly spread
+    # when there are more than eval_tokens tokens), also giving val_bpb (bits per byte).
+    # "random": nanoGPT's estimate, eval_iters random micro-batches per split.
+    c.eval_mode = "fixed"
+    c.eval_tokens = 1 << 20  # fixed: at most this many tokens scored per split
+    c.eval_iters = 200  # random: batches per split in each loss estimate
     c.log_interval = 10
     c.checkpoint_interval = 250
     c.keep_checkpoints = 3  # newest checkpoints kept in out_dir
@@ -92,9 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+EVAL_MODES = ("fixed", "random")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_POSITIVE = ("batch_size", "grad_accum_steps", "vmap_seeds", "max_steps", "eval_interval", "eval_iters",
-             "log_interval", "checkpoint_interval", "keep_checkpoints")
+_POSITIVE = ("batch_size", "grad_accum_steps", "vmap_seeds", "max_steps", "eval_interval",
+             "eval_iters", "eval_tokens", "log_interval", "checkpoint_interval",
+             "keep_checkpoints")
 
 
 def compute_dtype(name: str, backend: str) -> str:
@@ -142,6 +150,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"need 0 <= min_lr <= learning_rate and learning_rate > 0, got learning_rate="
             f"{config.learning_rate}, min_lr={config.min_lr}"
         )
+    if config.eval_mode not in EVAL_MODES:
+        raise UserError(f"eval_mode={config.eval_mode!r} is unknown: use one of "
+                        f"{', '.join(EVAL_MODES)}")
+    if config.eval_mode == "fixed" and config.eval_tokens < config.model.block_size:
+        raise UserError(f"eval_tokens={config.eval_tokens} holds no block_size="
+                        f"{config.model.block_size} window: raise --config.eval_tokens")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"lr_schedule={config.lr_schedule!r} is unknown: use one of "
                         f"{', '.join(LR_SCHEDULES)}")

@@ -1,6 +1,7 @@
 """Tokenizers, corpus preparation into uint16 token files, and reproducible batch sampling."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import pickle
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -56,6 +58,10 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def token_bytes(self) -> np.ndarray:
+        """Returns the UTF-8 length of each token's text, int64 (vocab_size,)."""
+        return np.array([len(ch.encode("utf-8")) for ch in self.chars], np.int64)
+
     def to_json(self) -> dict:
         return {"kind": "char", "chars": self.chars}
 
@@ -82,6 +88,18 @@ class TiktokenTokenizer:
     def decode(self, ids) -> str:
         return self._enc.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> np.ndarray:
+        """Returns the byte length of each token, int64 (vocab_size,); 0 for special tokens
+        such as <|endoftext|>, which stand for no text (as nanochat counts them)."""
+        enc = self._enc
+        special = enc.special_tokens_set
+        lengths = np.zeros(enc.n_vocab, np.int64)
+        for i in range(enc.n_vocab):
+            piece = enc.decode_single_token_bytes(i)
+            if piece.decode("utf-8", "replace") not in special:
+                lengths[i] = len(piece)
+        return lengths
+
     def to_json(self) -> dict:
         return {"kind": "tiktoken", "encoding": self.encoding}
 
@@ -107,6 +125,11 @@ class Dataset:
     val: np.ndarray
     tokenizer: object
     directory: Path
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """The UTF-8 byte length of each token id (for bits per byte)."""
+        return self.tokenizer.token_bytes()
 
     def check_fits(self, block_size: int) -> None:
         """Raises UserError if a split is too short for one crop of block_size + 1 tokens."""
@@ -284,6 +307,11 @@ def get_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int
     starts_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
     if rows is not None:
         starts_B = starts_B[rows]
+    return _crops(tokens, starts_B, block_size)
+
+
+def _crops(tokens: np.ndarray, starts_B: np.ndarray, block_size: int):
+    """Returns (inputs, targets), int32 (B, block_size), of the crops starting at starts_B."""
     crops_BT = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)
     return crops_BT[:, :-1], crops_BT[:, 1:]
 
@@ -300,15 +328,55 @@ def train_batch(dataset: Dataset, config, step: int, mesh=None):
     return batch if mesh is None else sharding.put_batch(batch, mesh, config.batch_size)
 
 
-def eval_batch(dataset: Dataset, config, split: str, step: int, i: int, mesh=None):
-    """Returns batch i of the loss estimate at `step` on `split` ("train" or "val"): one
-    micro-batch (batch_size / grad_accum_steps rows), from a stream of its own."""
-    batch_size = config.batch_size // config.grad_accum_steps
-    batch = get_batch(getattr(dataset, split), batch_size=batch_size,
-                      block_size=config.model.block_size, seed=config.seed,
-                      stream=2 + SPLIT_STREAMS[split], step=step * config.eval_iters + i,
-                      rows=_process_rows(mesh, batch_size))
-    return batch if mesh is None else sharding.put_batch(batch, mesh, batch_size)
+def eval_starts(n_tokens: int, block_size: int, max_tokens: int) -> np.ndarray:
+    """Returns the start of each window of the fixed evaluation of a split of n_tokens.
+
+    The windows are the split's non-overlapping block_size crops (each with its next-token
+    targets); when max_tokens holds fewer than all of them, that many spread evenly over the
+    split. They depend on nothing but the split and these two numbers.
+    """
+    n_all = (n_tokens - 1) // block_size
+    n = max(1, min(n_all, max_tokens // block_size))
+    return np.arange(n) * n_all // n * block_size
+
+
+def eval_batches(dataset: Dataset, config, split: str, step: int, mesh=None
+                 ) -> Iterator[tuple[tuple, int, int]]:
+    """Yields the batches of one loss evaluation of `split` ("train" or "val") at `step`,
+    each as (batch, tokens scored, UTF-8 bytes of their text).
+
+    A batch is (inputs_BT, targets_BT, weights_BT, bytes_BT): weights are 1 on the tokens
+    scored and 0 on padding rows; bytes_BT is each scored target's byte length (0 for
+    special tokens), for bits per byte. Batches have one micro-batch's rows (batch_size /
+    grad_accum_steps). eval_mode "fixed" scores eval_starts' windows, the same in every run
+    of the corpus (the last batch padded); "random" scores eval_iters random crops drawn
+    from a stream of their own (nanoGPT's estimate, which changes with seed and step).
+    """
+    tokens, block_size = getattr(dataset, split), config.model.block_size
+    rows = config.batch_size // config.grad_accum_steps
+    token_bytes = dataset.token_bytes
+    if config.eval_mode == "random":
+        crops = (get_batch(tokens, batch_size=rows, block_size=block_size, seed=config.seed,
+                           stream=2 + SPLIT_STREAMS[split], step=step * config.eval_iters + i)
+                 for i in range(config.eval_iters))
+        real = [rows] * config.eval_iters
+    else:
+        starts = eval_starts(len(tokens), block_size, config.eval_tokens)
+        chunks = [starts[i:i + rows] for i in range(0, len(starts), rows)]
+        real = [len(c) for c in chunks]
+        # The last chunk is padded with copies of its first window, weighted 0.
+        crops = (_crops(tokens, np.pad(c, (0, rows - len(c)), mode="edge"), block_size)
+                 for c in chunks)
+    local = _process_rows(mesh, rows)
+    for (inputs_BT, targets_BT), n in zip(crops, real, strict=True):
+        weights_BT = np.zeros(targets_BT.shape, np.float32)
+        weights_BT[:n] = 1.0
+        bytes_BT = (token_bytes[targets_BT] * weights_BT).astype(np.int32)
+        batch = (inputs_BT, targets_BT, weights_BT, bytes_BT)
+        if local is not None:
+            batch = tuple(x[local] for x in batch)
+        yield ((batch if mesh is None else sharding.put_batch(batch, mesh, rows)),
+               n * block_size, int(bytes_BT.sum()))
 
 
 def _process_rows(mesh, batch_size: int) -> slice | None:

@@ -26,7 +26,7 @@ class TrainingStopped(Exception):
 
 # An evaluation this long (all seeds) is announced before the next one starts.
 LONG_EVAL_S = 5.0
-EVAL_KEYS = ("step", "lr", "eval_train_loss", "val_loss")  # what run() returns
+EVAL_KEYS = ("step", "lr", "eval_train_loss", "val_loss", "val_bpb")  # what run() returns
 SLOW_RUN_S = 3600  # a CPU run with more left than this is pointed at the CPU recipe
 
 
@@ -126,13 +126,14 @@ class Loop:
         # Say what is coming before an evaluation that may take a while: the first one (its
         # length is unknown; on a CPU the baby GPT's takes a minute) and any after a long one.
         if k == 0 and (self.eval_round_s is None or self.eval_round_s >= LONG_EVAL_S):
-            self.progress.say(f"evaluating {self.config.eval_iters} batches of train and val"
+            self.progress.say(f"evaluating {_eval_size(self.config)} of train and val"
                               + (f" for each of {len(self.lanes)} seeds"
                                  if self.lanes.vmapped else "") + "...")
         with self.clock.aside("eval_s", record):
             losses = self.estimate_loss(self.lanes.part(state.params, k), self.dataset,
                                         self.lanes.configs[k], step, self.mesh)
-        record.update(eval_train_loss=losses["train"], val_loss=losses["val"])
+        record.update(eval_train_loss=losses["train"], val_loss=losses["val"],
+                      val_bpb=losses["val_bpb"])
         self.last_eval = {key: record[key] for key in EVAL_KEYS}
 
     def close(self) -> None:
@@ -146,6 +147,12 @@ class Loop:
                 f"({metrics.format_duration(loop_s)}): {loop_s - sum(aside.values()):.2f} s of "
                 f"steps, {aside['eval_s']:.2f} s evaluating, {aside['save_s']:.2f} s saving; the "
                 f"last checkpoint's writes took another {self.finishing['save_s']:.2f} s")
+
+
+def _eval_size(config) -> str:
+    if config.eval_mode == "random":
+        return f"{config.eval_iters} random batches"
+    return f"up to {config.eval_tokens:,} tokens"
 
 
 def _suggest_cpu_recipe(eta_s: float) -> None:

@@ -19,8 +19,13 @@ from gpt_jax.model import count_params
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Returns the mean next-token cross-entropy in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_BTV.astype(jnp.float32), targets_BT).mean()
+    return token_losses(logits_BTV, targets_BT).mean()
+
+
+def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Returns each token's next-token cross-entropy in nats, float32 (B, T)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
+                                                           targets_BT)
 
 
 # Wall-clock figures: they go to timing.jsonl, so that metrics.jsonl stays reproducible.
@@ -194,6 +199,8 @@ def format_record(record: dict) -> str:
         parts.append(f"loss {record['train_loss']:.4f}")
     if "val_loss" in record:
         parts.append(f"train {record['eval_train_loss']:.4f} val {record['val_loss']:.4f}")
+    if "val_bpb" in record:
+        parts.append(f"val bpb {record['val_bpb']:.4f}")
     parts.append(f"lr {record['lr']:.3e}")
     if "ms_per_step" in record:
         parts.append(f"{record['ms_per_step']:.1f} ms/step")

@@ -146,6 +146,13 @@ def batch_mean(x: jax.Array, mesh: Mesh) -> jax.Array:
     return _pmean(x, BATCH_AXES, mesh)
 
 
+def batch_sum(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """Inside shard_map: returns the sum of x over every device that holds batch rows."""
+    if math.prod(mesh.shape[axis] for axis in BATCH_AXES) == 1:
+        return x
+    return jax.lax.psum(x, BATCH_AXES)
+
+
 def _pmean(x: jax.Array, axes: tuple[str, ...], mesh: Mesh) -> jax.Array:
     # Over axes that span one device there is nothing to average, and XLA:CPU would still run
     # a one-participant all-reduce (0.3 ms of a CPU-recipe step on one device).

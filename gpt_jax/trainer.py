@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -168,32 +169,45 @@ def make_train_step(model: GPT, tx: optax.GradientTransformation, grad_accum_ste
 
 
 def eval_step(params: PyTree, batch, *, model: GPT, mesh: Mesh) -> jax.Array:
-    """Returns the mean loss over the global batch, dropout off."""
-    return sharding.over_batch(functools.partial(_local_loss, model=model, mesh=mesh), mesh,
+    """Returns float32 [summed loss, summed loss of the tokens with bytes] over the global
+    batch's weighted tokens (data.eval_batches' layout), dropout off."""
+    return sharding.over_batch(functools.partial(_local_sums, model=model, mesh=mesh), mesh,
                                params, batch)
 
 
 def make_eval_step(model: GPT, mesh: Mesh | None = None):
-    """Returns eval_step (params, batch) -> loss, jit-compiled."""
+    """Returns eval_step (params, batch) -> loss sums, jit-compiled."""
     return jax.jit(functools.partial(eval_step, model=model, mesh=mesh or default_mesh()))
 
 
-def _local_loss(params_local, batch_local, *, specs, model, mesh):
-    full = sharding.gather_tree(params_local, specs)
-    return sharding.batch_mean(loss_fn(full, model, batch_local), mesh)
+def _local_sums(params_local, batch_local, *, specs, model, mesh):
+    inputs_BT, targets_BT, weights_BT, bytes_BT = batch_local
+    logits_BTV = model.apply({"params": sharding.gather_tree(params_local, specs)}, inputs_BT)
+    losses_BT = metrics.token_losses(logits_BTV, targets_BT) * weights_BT
+    sums = jnp.stack([losses_BT.sum(), jnp.where(bytes_BT > 0, losses_BT, 0.0).sum()])
+    return sharding.batch_sum(sums, mesh)
 
 
 def estimate_loss(eval_step, params: PyTree, dataset: data.Dataset,
                   config: ml_collections.ConfigDict, step: int, mesh: Mesh | None = None) -> dict:
-    """Returns the mean loss over eval_iters random batches of each split (nanoGPT's estimate).
+    """Returns the loss of each split over its evaluation batches (see data.eval_batches), and
+    the val split's bits per byte: {"train": loss, "val": loss, "val_bpb": bits}.
 
-    Each eval batch is one micro-batch (batch_size / grad_accum_steps sequences).
+    The loss is the mean over every scored token; bits per byte is the summed loss of the
+    tokens that stand for text, in bits, over the UTF-8 bytes of that text. The batches'
+    sums are added on the host in float64, so the figure does not depend on how the windows
+    were split into batches or over devices beyond float32 rounding within a batch.
     """
     out = {}
     for split in ("train", "val"):
-        losses = [eval_step(params, data.eval_batch(dataset, config, split, step, i, mesh))
-                  for i in range(config.eval_iters)]
-        out[split] = float(np.mean(jax.device_get(losses)))
+        sums, tokens, n_bytes = [], 0, 0
+        for batch, batch_tokens, batch_bytes in data.eval_batches(dataset, config, split, step,
+                                                                  mesh):
+            sums.append(eval_step(params, batch))
+            tokens, n_bytes = tokens + batch_tokens, n_bytes + batch_bytes
+        loss_sum, text_loss_sum = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+        out[split] = float(loss_sum / tokens)
+        out[f"{split}_bpb"] = float(text_loss_sum / math.log(2) / n_bytes) if n_bytes else math.nan
     return out
 
 

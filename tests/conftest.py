@@ -17,7 +17,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 TINY_OVERRIDES = {
     "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 16,
     "batch_size": 4, "max_steps": 20, "decay_steps": 20, "warmup_steps": 5,
-    "eval_interval": 10, "eval_iters": 2, "log_interval": 5, "checkpoint_interval": 10,
+    "eval_interval": 10, "eval_iters": 2, "eval_tokens": 128, "log_interval": 5, "checkpoint_interval": 10,
 }
 
 

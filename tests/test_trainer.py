@@ -330,7 +330,7 @@ def test_logged_intervals_evals_and_saves_add_up_to_the_loop_time(
     aside = sum(r.get("eval_s", 0.0) + r.get("save_s", 0.0) for r in records)
     assert abs(stepping + aside - loop_s) <= 0.02 * loop_s, (stepping, aside, loop_s)
     assert records[-1]["eta_s"] == 0.0 and records[1]["eta_s"] > 0
-    assert "evaluating 2 batches of train and val..." in out
+    assert "evaluating up to 128 tokens of train and val..." in out
     assert re.search(r"step 20 \| .* \| eval [\d.]+ s \| save [\d.]+ s \| eta 0s", out)
 
 
