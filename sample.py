@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from gpt_jax import checkpoint, data, entry, hf, sampling
+from gpt_jax import checkpoint, entry, sampling
 from gpt_jax.errors import UserError
 
 SEPARATOR = "-" * 40
@@ -60,22 +60,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def load(args):
-    """Returns (config, params, tokenizer, description) of --checkpoint or --init_from."""
-    if args.checkpoint:
-        step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
-        return config, params, tokenizer, f"{args.checkpoint} at step {step}"
-    if not args.init_from.startswith(hf.PREFIX):
-        raise UserError(f"--init_from {args.init_from!r} is not understood: use hf:DIR or hf:gpt2")
-    config, params = hf.load(args.init_from)
-    tokenizer = data.TiktokenTokenizer("gpt2")
-    if config.vocab_size > tokenizer.vocab_size:
-        raise UserError(f"{args.init_from} has a vocabulary of {config.vocab_size} tokens, more "
-                        f"than GPT-2's BPE ({tokenizer.vocab_size}): its ids cannot be decoded")
-    return config, params, tokenizer, \
-        f"{args.init_from} ({config.n_layer} layers, {config.n_embd} wide)"
-
-
 def sample(args) -> None:
     """Prints the samples that args ask for on stdout; logs go to stderr."""
     sampling.check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -85,7 +69,8 @@ def sample(args) -> None:
     if args.stream and (len(texts) > 1 or args.format == "json"):
         raise UserError("--stream prints one text sample: give one prompt, --num_samples 1 "
                         "and --format text")
-    config, params, tokenizer, description = load(args)
+    config, params, tokenizer, description = checkpoint.load_for_inference(
+        args.checkpoint, args.init_from, args.step)
     prompts = [tokenizer.encode(text) for text in texts]
     sampling.check_window_keep(config, args.window_keep)
     if not all(prompts):

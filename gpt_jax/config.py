@@ -1,5 +1,7 @@
 """The full set of training settings with their defaults; recipes in configs/ override a few."""
 
+import importlib.util
+
 import jax
 import ml_collections
 
@@ -33,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_mode = "fixed"
     c.eval_tokens = 1 << 20  # fixed: at most this many tokens scored per split
     c.eval_iters = 200  # random: batches per split in each loss estimate
+    # lm-evaluation-harness tasks scored at every evaluation (needs the eval extra), comma-
+    # separated: harness task names (hellaswag) or paths to task .yaml files. Results go to
+    # metrics.jsonl and TensorBoard as eval/<task>/<metric>.
+    c.eval_tasks = ""
+    c.eval_tasks_limit = 0  # examples per task at each evaluation; 0: all
     c.log_interval = 10
     c.checkpoint_interval = 250
     c.keep_checkpoints = 3  # newest checkpoints kept in out_dir
@@ -156,6 +163,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.eval_mode == "fixed" and config.eval_tokens < config.model.block_size:
         raise UserError(f"eval_tokens={config.eval_tokens} holds no block_size="
                         f"{config.model.block_size} window: raise --config.eval_tokens")
+    if config.eval_tasks_limit < 0:
+        raise UserError(f"eval_tasks_limit must be >= 0 (0: every example), got "
+                        f"{config.eval_tasks_limit}")
+    if config.eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UserError(f"eval_tasks={config.eval_tasks!r} needs lm-evaluation-harness: "
+                        "pip install -e \".[eval]\" (or leave --config.eval_tasks empty)")
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"lr_schedule={config.lr_schedule!r} is unknown: use one of "
                         f"{', '.join(LR_SCHEDULES)}")

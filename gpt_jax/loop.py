@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gpt_jax import checkpoint, host_memory, metrics, seeds
 from gpt_jax.errors import UserError
@@ -34,14 +35,17 @@ class Loop:
     """The training loop's log lines, evaluations and saves, and what they keep between steps."""
 
     def __init__(self, config, lanes: seeds.Lanes, dataset, mesh, *, start: int, schedule,
-                 estimate_loss, tokenizer_table: dict, flops_per_token: float, peak: float):
+                 estimate_loss, tokenizer_table: dict, flops_per_token: float, peak: float,
+                 model_config=None):
         """Starts the loop's clock (and progress bar) at step `start`.
 
-        estimate_loss(params, dataset, config, step, mesh) -> {"train": loss, "val": loss};
-        peak: the mesh's FLOP/s, which MFU is measured against.
+        estimate_loss(params, dataset, config, step, mesh) -> {"train": loss, "val": loss,
+        "val_bpb": bits per byte}; peak: the mesh's FLOP/s, which MFU is measured against;
+        model_config: the GPTConfig the harness tasks (config.eval_tasks) are scored with.
         """
         self.config, self.lanes, self.dataset, self.mesh = config, lanes, dataset, mesh
         self.estimate_loss, self.schedule = estimate_loss, schedule
+        self.model_config = model_config
         self.tokenizer_table = tokenizer_table
         self.flops_per_token, self.peak = flops_per_token, peak
         # saved_at, logged_at: the newest step saved, and logged
@@ -132,9 +136,28 @@ class Loop:
         with self.clock.aside("eval_s", record):
             losses = self.estimate_loss(self.lanes.part(state.params, k), self.dataset,
                                         self.lanes.configs[k], step, self.mesh)
-        record.update(eval_train_loss=losses["train"], val_loss=losses["val"],
-                      val_bpb=losses["val_bpb"])
+            record.update(eval_train_loss=losses["train"], val_loss=losses["val"],
+                          val_bpb=losses["val_bpb"])
+            if self.config.eval_tasks:
+                record.update(self._task_metrics(self.lanes.part(state.params, k)))
         self.last_eval = {key: record[key] for key in EVAL_KEYS}
+
+    def _task_metrics(self, params: PyTree) -> dict[str, float]:
+        """Returns {"eval/<task>/<metric>": value} of config.eval_tasks, scored on process 0
+        (the others only help gather the parameters)."""
+        from gpt_jax import lm_eval
+
+        if jax.process_count() > 1:
+            params = multihost_utils.process_allgather(params)
+        if jax.process_index() != 0:
+            return {}
+        tasks = [t.strip() for t in self.config.eval_tasks.split(",") if t.strip()]
+        results = lm_eval.evaluate(
+            params, self.model_config, self.dataset.tokenizer, tasks,
+            limit=self.config.eval_tasks_limit or None,
+            batch_size=self.config.batch_size // self.config.grad_accum_steps)
+        return {f"eval/{task}/{name}": value
+                for task, values in results.items() for name, value in values.items()}
 
     def close(self) -> None:
         self.progress.close()

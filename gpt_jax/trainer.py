@@ -259,7 +259,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     loop = Loop(config, lanes, dataset, mesh, start=start, schedule=optim.lr_schedule(config),
                 estimate_loss=functools.partial(estimate_loss, make_eval_step(model, mesh)),
                 tokenizer_table=dataset.tokenizer.to_json(), flops_per_token=flops_per_token,
-                peak=peak)
+                peak=peak, model_config=model_cfg)
     step = start
     try:
         with StopRequests() as stop:
