@@ -183,6 +183,7 @@ def _harness():
     try:
         import lm_eval
         import lm_eval.api.model
+        import lm_eval.api.registry
         import lm_eval.models.utils
         import lm_eval.tasks
         import lm_eval.utils
@@ -206,6 +207,18 @@ def _model_class():
             super().__init__()
             self.scorer = Scorer(params, config, batch_size, progress)
             self.config, self.tokenizer, self.seed = config, tokenizer, seed
+
+        @classmethod
+        def create_from_arg_string(cls, arg_string: str, additional_config=None):
+            """Returns the model that `--model gpt-jax --model_args checkpoint=DIR` (or
+            init_from=hf:DIR, step=N, batch_size=B) names, for the harness's own CLI."""
+            args = {**lm_eval.utils.simple_parse_args_string(arg_string),
+                    **{k: v for k, v in (additional_config or {}).items() if v is not None}}
+            config, params, tokenizer, _ = checkpoint.load_for_inference(
+                args.get("checkpoint"), args.get("init_from", ""), args.get("step"))
+            batch_size = args.get("batch_size", DEFAULT_BATCH_SIZE)
+            return cls(params, config, tokenizer,
+                       batch_size=DEFAULT_BATCH_SIZE if batch_size == "auto" else int(batch_size))
 
         @property
         def eot_token_id(self) -> int:
@@ -284,6 +297,9 @@ def _model_class():
             room = self.max_length - max_new_tokens
             return tokens[-room:] if room > 0 else tokens
 
+    # Named in the harness's registry too: lm_eval.simple_evaluate(model="gpt-jax",
+    # model_args="checkpoint=out/run") works once this module has built the class.
+    lm_eval.api.registry.register_model("gpt-jax")(GPTJaxLM)
     return GPTJaxLM
 
 

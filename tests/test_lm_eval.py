@@ -213,6 +213,21 @@ def test_cli_scores_a_char_checkpoint(tiny_config, tmp_path):
     assert results["gpt_jax"]["loglikelihood_requests"] > 16
 
 
+def test_the_harness_builds_the_model_by_its_registered_name(tiny_config):
+    save_char_checkpoint(tiny_config)
+    lm_eval = gpt_lm_eval._harness()
+    gpt_lm_eval._model_class()
+    lm = lm_eval.api.registry.get_model("gpt-jax").create_from_arg_string(
+        f"checkpoint={tiny_config.out_dir},batch_size=4")
+    assert (lm.batch_size, lm.max_length) == (4, 16)
+    by_name = gpt_lm_eval.run_tasks(lm, [MC], limit=3, bootstrap_iters=0)
+    _, config, params, tokenizer = checkpoint.load_model(tiny_config.out_dir)
+    direct = gpt_lm_eval.run_tasks(gpt_lm_eval.harness_model(params, config, tokenizer,
+                                                             batch_size=4),
+                                   [MC], limit=3, bootstrap_iters=0)
+    assert gpt_lm_eval.metrics_of(by_name) == gpt_lm_eval.metrics_of(direct)
+
+
 def test_a_missing_task_is_one_line_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         gpt_lm_eval.main(["--checkpoint", str(tmp_path / "no_run"), "--tasks",
