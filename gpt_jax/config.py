@@ -88,9 +88,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.bias = True
     c.model.qkv_bias = True
-    c.model.pos_encoding = "learned"  # learned | sinusoidal | none
+    # learned | sinusoidal (added to the token embeddings) | rope (rotary: q and k turned by
+    # their positions in attention, Llama's half-split layout) | none (the causal mask alone)
+    c.model.pos_encoding = "learned"
+    c.model.rope_theta = 10000.0  # rope's base: pair i turns by position * theta^(-2i/head_dim)
     c.model.norm_position = "pre"  # pre (GPT-2) | post (the original Transformer's Add & Norm)
-    c.model.activation = "gelu"  # gelu (tanh approximation) | relu
+    c.model.norm = "layernorm"  # layernorm (GPT-2) | rmsnorm (a learned scale; no mean, no bias)
+    c.model.norm_eps = 1e-5  # epsilon of every LayerNorm / RMSNorm (GPT-2's)
+    # gelu (tanh approximation) | relu | relu2: relu(x)^2 | swiglu: silu(x W_gate) * (x W_up)
+    c.model.activation = "gelu"
+    # The MLP's hidden width. None: 4 * n_embd, or with swiglu Llama's rule, 2/3 of 4 * n_embd
+    # rounded up to a multiple of 64 (about the parameters of the 4 * n_embd MLP).
+    c.model.mlp_hidden = ml_collections.config_dict.placeholder(int)
+    c.model.qk_norm = False  # RMSNorm (a learned scale per head dim) on queries and keys
+    # Key/value heads: grouped-query attention (1: multi-query); the KV cache holds this many.
+    # None: n_head. Must divide n_head.
+    c.model.n_kv_head = ml_collections.config_dict.placeholder(int)
+    c.model.logit_softcap = 0.0  # logits = c * tanh(logits / c) (Gemma 2); 0: off
+    c.model.zero_init_proj = False  # attention's and the MLP's output projections start at 0
     # The layers' implementations (gpt_jax/kernels/): reference (the textbook oracle) | cpu |
     # fused (jax.nn.dot_product_attention) | auto: cpu on a CPU, fused on GPU/TPU.
     c.model.kernels = "auto"

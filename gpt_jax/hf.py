@@ -236,6 +236,22 @@ def export_blockers(config: GPTConfig) -> list[str]:
                        "unscaled)")
     if not config.has_final_norm:
         reasons.append("final_norm=False (GPT-2 ends in a LayerNorm, ln_f)")
+    # The switches of the Llama family (zero_init_proj only initialises: it exports as is).
+    # Llama export is not there yet.
+    if config.norm != "layernorm":
+        reasons.append(f"norm={config.norm!r} (GPT-2 uses LayerNorm)")
+    if config.norm_eps != 1e-5:
+        reasons.append(f"norm_eps={config.norm_eps:g} (GPT-2's LayerNorm epsilon is 1e-5)")
+    if config.mlp_width != 4 * config.n_embd:
+        reasons.append(f"mlp_hidden={config.mlp_width} (GPT-2's MLP is 4 * n_embd wide)")
+    if config.qk_norm:
+        reasons.append("qk_norm=True (GPT-2 does not normalise queries and keys)")
+    if config.kv_heads != config.n_head:
+        reasons.append(f"n_kv_head={config.kv_heads} (GPT-2 has a key/value head per query "
+                       "head)")
+    if config.logit_softcap:
+        reasons.append(f"logit_softcap={config.logit_softcap:g} (GPT-2's logits are not "
+                       "capped)")
     return reasons
 
 
@@ -304,7 +320,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 # The fields a pretrained model fixes in config.model (block_size only as an upper bound).
 SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias",
                 "pos_encoding", "tie_embeddings", "norm_position", "activation", "embed_scale",
-                "final_norm")
+                "final_norm", "rope_theta", "norm", "norm_eps", "mlp_hidden", "qk_norm",
+                "n_kv_head", "logit_softcap", "zero_init_proj")
 
 
 def resolve_init_from(config, saved_config: dict | None, vocab_size: int):

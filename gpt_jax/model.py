@@ -12,9 +12,10 @@ from flax.linen.dtypes import promote_dtype
 from gpt_jax.errors import UserError
 from gpt_jax.kernels import sets as kernels
 
-POS_ENCODINGS = ("learned", "sinusoidal", "none")
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORM_POSITIONS = ("pre", "post")
-ACTIVATIONS = ("gelu", "relu")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +30,21 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in every Dense and LayerNorm (GPT-2: True)
     qkv_bias: bool = True  # bias on the fused qkv projection (only when `bias`)
-    pos_encoding: str = "learned"  # learned | sinusoidal | none (causal attention alone)
+    # learned | sinusoidal (added to the embeddings) | rope (q and k rotated in attention) |
+    # none (the causal mask alone)
+    pos_encoding: str = "learned"
+    rope_theta: float = 10000.0  # RoPE's base: pair i turns by position * theta^(-2i/head_dim)
     norm_position: str = "pre"  # pre: x + f(ln(x)) (GPT-2); post: ln(x + f(x)) (Transformer)
-    activation: str = "gelu"  # MLP nonlinearity: gelu (tanh approximation, GPT-2) | relu
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (a learned scale, no mean, no bias)
+    norm_eps: float = 1e-5  # GPT-2's (PyTorch's default), not Flax's 1e-6
+    # MLP nonlinearity: gelu (tanh approximation, GPT-2) | relu | relu2: relu(x)^2 |
+    # swiglu: silu(x W_gate) * (x W_up), Llama's
+    activation: str = "gelu"
+    mlp_hidden: int | None = None  # the MLP's width; None: 4 * n_embd (swiglu: see mlp_width)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    logit_softcap: float = 0.0  # logits = c * tanh(logits / c); 0: off
+    zero_init_proj: bool = False  # the projections into the residual stream start at zero
     # Which implementations the layers run (gpt_jax/kernels/): reference | cpu | fused, or
     # auto (cpu on XLA:CPU, fused on GPU/TPU). The numbers are the same to float32 rounding.
     kernels: str = "auto"
@@ -58,11 +71,30 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise UserError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head="
+                            f"{self.n_kv_head}: choose n_kv_head among {divisors}")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError(f"model.pos_encoding=rope rotates pairs of dimensions, but the head "
+                            f"size n_embd / n_head = {self.n_embd // self.n_head} is odd: "
+                            "choose n_embd a multiple of 2 * n_head")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, (int, np.integer))
+                                            or self.mlp_hidden < 1):
+            raise UserError(f"model.mlp_hidden must be a positive integer (or None: the "
+                            f"activation's rule), got {self.mlp_hidden!r}")
+        if not self.logit_softcap >= 0:
+            raise UserError(f"model.logit_softcap must be >= 0 (0: off), got "
+                            f"{self.logit_softcap}")
         if self.embed_scale is not None and not self.embed_scale > 0:
             raise UserError(f"model.embed_scale must be positive (or None: the source's "
                             f"choice), got {self.embed_scale}")
         for name, allowed in (("pos_encoding", POS_ENCODINGS),
-                              ("norm_position", NORM_POSITIONS), ("activation", ACTIVATIONS),
+                              ("norm_position", NORM_POSITIONS), ("norm", NORMS),
+                              ("activation", ACTIVATIONS),
                               ("kernels", kernels.KERNEL_SETS),
                               ("attention", kernels.ATTENTIONS)):
             if getattr(self, name) not in allowed:
@@ -81,6 +113,22 @@ class GPTConfig:
         return math.sqrt(self.n_embd) if self.pos_encoding == "sinusoidal" else 1.0
 
     @property
+    def kv_heads(self) -> int:
+        """Returns the key/value heads (n_kv_head, or n_head)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_width(self) -> int:
+        """Returns the MLP's hidden width: mlp_hidden, else 4 * n_embd, or with swiglu Llama's
+        rule, 2/3 of 4 * n_embd rounded up to a multiple of 64 (the parameters of a 4 * n_embd
+        MLP, in three matrices instead of two)."""
+        if self.mlp_hidden is not None:
+            return int(self.mlp_hidden)
+        if self.activation == "swiglu":
+            return -(-(2 * 4 * self.n_embd // 3) // 64) * 64
+        return 4 * self.n_embd
+
+    @property
     def has_final_norm(self) -> bool:
         """Returns whether a LayerNorm follows the last block (final_norm, or the source's)."""
         return self.norm_position == "pre" if self.final_norm is None else self.final_norm
@@ -93,7 +141,9 @@ def kernels_of(config: GPTConfig) -> kernels.Kernels:
 
 # Fields added after checkpoints were first written, with the value those checkpoints were
 # trained with: a saved config without the field predates it.
-LEGACY_FIELDS = {"embed_scale": 1.0, "final_norm": True}
+LEGACY_FIELDS = {"embed_scale": 1.0, "final_norm": True, "rope_theta": 10000.0,
+                 "norm": "layernorm", "norm_eps": 1e-5, "mlp_hidden": None, "qk_norm": False,
+                 "n_kv_head": None, "logit_softcap": 0.0, "zero_init_proj": False}
 
 
 def saved_model_fields(model: dict) -> dict:
@@ -102,15 +152,17 @@ def saved_model_fields(model: dict) -> dict:
 
 
 def effective_fields(model: dict) -> dict:
-    """Returns model fields with embed_scale and final_norm as the model applies them (their
-    None resolved), so that two configs of one model compare equal."""
+    """Returns model fields with embed_scale, final_norm, n_kv_head and mlp_hidden as the model
+    applies them (their None resolved), so that two configs of one model compare equal."""
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     cfg = GPTConfig(**{"vocab_size": 1, **{k: v for k, v in model.items() if k in names}})
-    return {**model, "embed_scale": cfg.token_scale, "final_norm": cfg.has_final_norm}
+    return {**model, "embed_scale": cfg.token_scale, "final_norm": cfg.has_final_norm,
+            "n_kv_head": cfg.kv_heads, "mlp_hidden": cfg.mlp_width}
 
 
 class Dense(nn.Module):
-    """y = x W + b, the kernel initialised N(0, std), the bias 0; the matmul is the kernel set's."""
+    """y = x W + b, the kernel initialised N(0, std) (std 0: zeros), the bias 0; the matmul is
+    the kernel set's."""
 
     config: GPTConfig
     features: int
@@ -120,7 +172,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kernel = self.param("kernel", nn.initializers.normal(self.std),
+        init = nn.initializers.normal(self.std) if self.std else nn.initializers.zeros
+        kernel = self.param("kernel", init,
                             (x.shape[-1], self.features), jnp.float32)
         use_bias = cfg.bias if self.use_bias is None else self.use_bias
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) \
@@ -149,14 +202,43 @@ class Dropout(nn.Module):
         return self.make_rng("dropout")
 
 
-def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
-    # GPT-2 uses eps 1e-5 (PyTorch's default), not Flax's 1e-6.
-    return nn.LayerNorm(epsilon=1e-5, use_bias=config.bias, dtype=jnp.float32, name=name)
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis (Zhang & Sennrich 2019), in float32."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+
+
+def _norm(config: GPTConfig, name: str) -> nn.Module:
+    """Returns the block's normalisation, config.norm, computing in float32."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.norm_eps, name=name)
+    return nn.LayerNorm(epsilon=config.norm_eps, use_bias=config.bias, dtype=jnp.float32,
+                        name=name)
 
 
 def _residual_std(config: GPTConfig) -> float:
-    # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer).
-    return 0.02 / math.sqrt(2 * config.n_layer)
+    # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer);
+    # modded-nanogpt starts them at zero, so that every block starts as the identity.
+    return 0.0 if config.zero_init_proj else 0.02 / math.sqrt(2 * config.n_layer)
+
+
+def rotary(x_BTHK: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Returns x rotated by its positions (RoPE, Su et al. 2021) in Llama's half-split layout:
+    dimensions i and i + K/2 form a pair that turns by angle position * theta^(-2i/K), so a
+    query-key product depends only on the offset between their positions."""
+    K = x_BTHK.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+    angles_BT1k = (positions_BT.astype(jnp.float32)[:, :, None] * inv_freq)[:, :, None]
+    cos, sin = jnp.cos(angles_BT1k), jnp.sin(angles_BT1k)
+    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTHK.dtype)
 
 
 def sinusoidal_positions(block_size: int, n_embd: int) -> np.ndarray:
@@ -172,9 +254,13 @@ def sinusoidal_positions(block_size: int, n_embd: int) -> np.ndarray:
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and a causal mask.
 
+    n_head query heads share n_kv_head key/value heads (grouped-query attention; query head h
+    reads key/value head h // (n_head / n_kv_head)). Optionally each head's queries and keys are
+    RMS-normalised (qk_norm) and rotated by their positions (rope).
+
     In decode mode the keys and values of every position seen so far live in the `cache`
-    collection, (B, H, block_size, K) each (heads before positions: XLA:CPU then reads them
-    without a transposed copy): the new ones are written at `positions_BT` and each query
+    collection, (B, n_kv_head, block_size, K) each (heads before positions: XLA:CPU then reads
+    them without a transposed copy): the new ones are written at `positions_BT` and each query
     attends to the cached positions up to its own.
     """
 
@@ -185,53 +271,73 @@ class CausalSelfAttention(nn.Module):
                  positions_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         B, T, D = x_BTD.shape
-        qkv_BT3D = Dense(cfg, 3 * D, use_bias=cfg.bias and cfg.qkv_bias, name="c_attn")(x_BTD)
-        q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, cfg.n_head, D // cfg.n_head)
-                                  for a in jnp.split(qkv_BT3D, 3, axis=-1))
+        H, N, K = cfg.n_head, cfg.kv_heads, D // cfg.n_head
+        qkv = Dense(cfg, (H + 2 * N) * K, use_bias=cfg.bias and cfg.qkv_bias, name="c_attn")(x_BTD)
+        q, k, v = jnp.split(qkv, [H * K, (H + N) * K], axis=-1)
+        q_BTHK, k_BTNK, v_BTNK = q.reshape(B, T, H, K), k.reshape(B, T, N, K), v.reshape(B, T, N, K)
+        if cfg.qk_norm:
+            q_BTHK = RMSNorm(cfg.norm_eps, name="q_norm")(q_BTHK).astype(q_BTHK.dtype)
+            k_BTNK = RMSNorm(cfg.norm_eps, name="k_norm")(k_BTNK).astype(k_BTNK.dtype)
+        if cfg.pos_encoding == "rope":
+            at_BT = jnp.arange(T)[None] if positions_BT is None else positions_BT
+            q_BTHK = rotary(q_BTHK, at_BT, cfg.rope_theta)
+            k_BTNK = rotary(k_BTNK, at_BT, cfg.rope_theta)
         weights = dict(dropout_rate=cfg.dropout, rng=Dropout(cfg).rng(deterministic),
                        dtype=cfg.compute_dtype)
-        if positions_BT is None:
+        if positions_BT is None:  # each key/value head repeated for the queries that share it
+            k_BTHK, v_BTHK = (jnp.repeat(a, H // N, axis=2) for a in (k_BTNK, v_BTNK))
             y_BTHK = kernels_of(cfg).causal_attention(q_BTHK, k_BTHK, v_BTHK, **weights)
         else:
-            k_BHSK, v_BHSK = self._cached(k_BTHK, v_BTHK, positions_BT)
-            y_BTHK = kernels_of(cfg).cached_attention(q_BTHK, k_BHSK, v_BHSK, positions_BT,
+            k_BNSK, v_BNSK = self._cached(k_BTNK, v_BTNK, positions_BT)
+            y_BTHK = kernels_of(cfg).cached_attention(q_BTHK, k_BNSK, v_BNSK, positions_BT,
                                                       **weights)
         y_BTD = Dense(cfg, D, std=_residual_std(cfg), name="c_proj")(y_BTHK.reshape(B, T, D))
         return Dropout(cfg)(y_BTD, deterministic)
 
-    def _cached(self, k_BTHK, v_BTHK, positions_BT):
-        """Writes the new keys and values at their positions; returns the whole (B, H, S, K) cache."""
-        B, _, H, K = k_BTHK.shape
-        shape = (B, H, self.config.block_size, K)
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k_BTHK.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v_BTHK.dtype)
-        at = (jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None], positions_BT[:, None, :])
+    def _cached(self, k_BTNK, v_BTNK, positions_BT):
+        """Writes the new keys and values at their positions; returns the (B, N, S, K) cache."""
+        B, _, N, K = k_BTNK.shape
+        shape = (B, N, self.config.block_size, K)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k_BTNK.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v_BTNK.dtype)
+        at = (jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None], positions_BT[:, None, :])
         # Positions past block_size (padding beyond a full window) are dropped, not clamped.
-        cached_k.value = cached_k.value.at[at].set(k_BTHK.transpose(0, 2, 1, 3), mode="drop")
-        cached_v.value = cached_v.value.at[at].set(v_BTHK.transpose(0, 2, 1, 3), mode="drop")
+        cached_k.value = cached_k.value.at[at].set(k_BTNK.transpose(0, 2, 1, 3), mode="drop")
+        cached_v.value = cached_v.value.at[at].set(v_BTNK.transpose(0, 2, 1, 3), mode="drop")
         return cached_k.value, cached_v.value
 
 
+_ACTIVATIONS = {
+    "gelu": lambda h: nn.gelu(h, approximate=True),  # GPT-2's tanh approximation
+    "relu": nn.relu,
+    "relu2": lambda h: jnp.square(nn.relu(h)),  # So et al. 2021 (Primer); modded-nanogpt
+}
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network of width 4 * n_embd with tanh-approximated GELU."""
+    """Position-wise feed-forward network of width mlp_width (4 * n_embd): act(x W_fc) W_proj,
+    or with swiglu (Shazeer 2020, Llama) (silu(x W_gate) * x W_up) W_proj, W_gate and W_up
+    side by side in c_fc (gate first)."""
 
     config: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        h_BTF = Dense(cfg, 4 * cfg.n_embd, name="c_fc")(x_BTD)
-        if cfg.activation == "gelu":
-            h_BTF = nn.gelu(h_BTF, approximate=True)
+        F = cfg.mlp_width
+        if cfg.activation == "swiglu":
+            gate_BTF, up_BTF = jnp.split(Dense(cfg, 2 * F, name="c_fc")(x_BTD), 2, axis=-1)
+            h_BTF = nn.silu(gate_BTF) * up_BTF
         else:
-            h_BTF = nn.relu(h_BTF)
+            h_BTF = _ACTIVATIONS[cfg.activation](Dense(cfg, F, name="c_fc")(x_BTD))
         y_BTD = Dense(cfg, cfg.n_embd, std=_residual_std(cfg), name="c_proj")(h_BTF)
         return Dropout(cfg)(y_BTD, deterministic)
 
 
 class Block(nn.Module):
     """One transformer block. Pre-LayerNorm (GPT-2): x + attn(ln(x)), then x + mlp(ln(x)).
-    Post-LayerNorm ("Add & Norm", the original Transformer): ln(x + attn(x)), ln(x + mlp(x))."""
+    Post-LayerNorm ("Add & Norm", the original Transformer): ln(x + attn(x)), ln(x + mlp(x)).
+    ln is model.norm: LayerNorm or RMSNorm."""
 
     config: GPTConfig
 
@@ -240,7 +346,7 @@ class Block(nn.Module):
                  positions_BT: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
-        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        ln_1, ln_2 = _norm(cfg, "ln_1"), _norm(cfg, "ln_2")
         if cfg.norm_position == "post":
             x_BTD = ln_1(x_BTD + attn(x_BTD.astype(cfg.compute_dtype), deterministic,
                                       positions_BT))
@@ -282,7 +388,7 @@ class GPT(nn.Module):
             wpe_SD = self.param("wpe", nn.initializers.normal(0.02), (cfg.block_size, cfg.n_embd))
         elif cfg.pos_encoding == "sinusoidal":
             wpe_SD = sinusoidal_positions(cfg.block_size, cfg.n_embd)
-        else:  # no position signal: the causal mask alone tells positions apart
+        else:  # none, or rope (which rotates q and k in attention): nothing added here
             wpe_SD = jnp.zeros((cfg.block_size, cfg.n_embd), jnp.float32)
         positions_BT = None
         if decode:
@@ -296,13 +402,16 @@ class GPT(nn.Module):
         for i in range(cfg.n_layer):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT)
         if cfg.has_final_norm:
-            x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+            x_BTD = _norm(cfg, "ln_f")(x_BTD)
         x_BTD = x_BTD.astype(cfg.compute_dtype)
         if cfg.tie_embeddings:
             logits_BTV = kernels_of(cfg).logits(*promote_dtype(x_BTD, wte.embedding))
         else:
             logits_BTV = Dense(cfg, cfg.vocab_size, use_bias=False, name="lm_head")(x_BTD)
-        return logits_BTV.astype(jnp.float32)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        if cfg.logit_softcap:  # Gemma 2, modded-nanogpt: every logit within (-c, c)
+            logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
+        return logits_BTV
 
 
 def init_params(config: GPTConfig, rng: jax.Array):

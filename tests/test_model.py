@@ -82,12 +82,12 @@ def test_causal_through_gradients():
 
 def _loss_at(params, emb_BTD, t):
     """Runs the blocks of TINY on given token embeddings; returns logits summed at position t."""
-    from gpt_jax.model import Block, _layer_norm
+    from gpt_jax.model import Block, _norm
 
     x = emb_BTD + params["wpe"][: emb_BTD.shape[1]]
     for i in range(TINY.n_layer):
         x = Block(TINY).apply({"params": params[f"h_{i}"]}, x)
-    x = _layer_norm(TINY, "ln_f").apply({"params": params["ln_f"]}, x)
+    x = _norm(TINY, "ln_f").apply({"params": params["ln_f"]}, x)
     return (x @ params["wte"]["embedding"].T)[0, t].sum()
 
 

@@ -46,15 +46,19 @@ def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
     return jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BTHK)
 
 
-def cached_attention(q_BTHK: jax.Array, k_BHSK: jax.Array, v_BHSK: jax.Array,
+def cached_attention(q_BTHK: jax.Array, k_BNSK: jax.Array, v_BNSK: jax.Array,
                      positions_BT: jax.Array, *, dropout_rate: float, rng: jax.Array | None,
                      dtype) -> jax.Array:
     """Returns attention of queries at positions_BT over a KV cache, (B, T, H, K): each query
-    sees the cached positions up to its own."""
-    S, K = k_BHSK.shape[2], q_BTHK.shape[-1]
+    sees the cached positions up to its own. The cache may hold fewer heads N than the queries
+    (grouped-query attention): query head h reads cache head h // (H / N), without a copy."""
+    B, T, H, K = q_BTHK.shape
+    N, S = k_BNSK.shape[1], k_BNSK.shape[2]
+    q_BTNGK = q_BTHK.reshape(B, T, N, H // N, K)
     visible_BHTS = (jnp.arange(S) <= positions_BT[:, :, None])[:, None]
-    scores_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK, k_BHSK) / math.sqrt(K)
-    probs_BHTS = masked_softmax(scores_BHTS, visible_BHTS, dtype)
+    scores_BHTS = jnp.einsum("btngk,bnsk->bngts", q_BTNGK, k_BNSK).reshape(B, H, T, S)
+    probs_BHTS = masked_softmax(scores_BHTS / math.sqrt(K), visible_BHTS, dtype)
     if rng is not None:
         probs_BHTS = dropout(probs_BHTS, dropout_rate, rng)
-    return jnp.einsum("bhts,bhsk->bthk", probs_BHTS, v_BHSK)
+    probs_BNGTS = probs_BHTS.reshape(B, N, H // N, T, S)
+    return jnp.einsum("bngts,bnsk->btngk", probs_BNGTS, v_BNSK).reshape(B, T, H, K)

@@ -35,8 +35,9 @@ class Kernels:
     dropout: Callable  # (x, rate, rng) -> inverted dropout of x
     # (q_BTHK, k_BTHK, v_BTHK, *, dropout_rate, rng (None: no dropout), dtype) -> y_BTHK
     causal_attention: Callable
-    # (q_BTHK, k_BHSK, v_BHSK, positions_BT, *, dropout_rate, rng, dtype) -> y_BTHK: queries
-    # at positions_BT over a KV cache of S positions (decode); the same in every set
+    # (q_BTHK, k_BNSK, v_BNSK, positions_BT, *, dropout_rate, rng, dtype) -> y_BTHK: queries
+    # at positions_BT over a KV cache of S positions and N heads (N divides H: grouped-query
+    # attention) (decode); the same in every set
     cached_attention: Callable = reference.cached_attention
 
 
