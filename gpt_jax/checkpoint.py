@@ -222,6 +222,12 @@ def check_compatible(config, saved: tuple[dict, dict], tokenizer_table: dict) ->
         raise UserError(f"{config.out_dir} holds a checkpoint of a different model "
                         f"(model.{'; model.'.join(diffs)}): use a new --config.out_dir or the "
                         "settings it was trained with")
+    saved_optimizer = saved_config.get("optimizer", "adamw")  # older runs: AdamW
+    if saved_optimizer != config.optimizer:
+        raise UserError(f"{config.out_dir} holds a checkpoint trained with optimizer="
+                        f"{saved_optimizer}, whose state does not fit optimizer="
+                        f"{config.optimizer}: use a new --config.out_dir or "
+                        f"--config.optimizer={saved_optimizer}")
     if saved_tokenizer != tokenizer_table:
         raise UserError(f"{config.out_dir} holds a checkpoint trained on a corpus with another "
                         "tokenizer: use a new --config.out_dir or the original data.path")

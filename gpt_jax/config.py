@@ -5,6 +5,7 @@ import importlib.util
 import jax
 import ml_collections
 
+from gpt_jax import optim
 from gpt_jax.errors import UserError
 from gpt_jax.kernels import sets as kernels
 from gpt_jax.model import GPTConfig
@@ -49,13 +50,24 @@ def base_config() -> ml_collections.ConfigDict:
     # Empty: <cache root>/jax_compile (see data.cache_dir).
     c.compile_cache_dir = ""
 
-    # AdamW with linear warmup, then lr_schedule: cosine (decay to min_lr at decay_steps, 0:
-    # max_steps), inverse_sqrt (the original Transformer's; min_lr unused) or constant.
+    # Linear warmup, then lr_schedule: cosine (decay to min_lr at decay_steps, 0: max_steps),
+    # wsd (constant, then down to min_lr over the last decay_fraction of decay_steps, along
+    # decay_shape: linear | 1-sqrt), inverse_sqrt (the original Transformer's; min_lr unused)
+    # or constant.
     c.lr_schedule = "cosine"
     c.learning_rate = 6e-4
     c.min_lr = 6e-5
     c.warmup_steps = 100
     c.decay_steps = 0
+    c.decay_fraction = 0.2  # wsd: the share of the run spent cooling down
+    c.decay_shape = "linear"  # wsd: linear | 1-sqrt
+    # adamw: AdamW on every parameter. muon: Muon (momentum orthogonalised by Newton-Schulz,
+    # optax.contrib.muon) on the blocks' 2-D kernels at muon_lr, AdamW on the embeddings, the
+    # head, norms and biases at learning_rate; both on lr_schedule's shape.
+    c.optimizer = "adamw"
+    c.muon_lr = 0.02  # modded-nanogpt's and nanochat's
+    c.muon_momentum = 0.95  # Nesterov momentum of Muon
+    c.muon_weight_decay = 0.0  # decoupled, times the learning rate, on Muon's matrices
     c.weight_decay = 0.1
     c.beta1 = 0.9
     c.beta2 = 0.95
@@ -119,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-LR_SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+LR_SCHEDULES = ("cosine", "wsd", "inverse_sqrt", "constant")
+OPTIMIZERS = ("adamw", "muon")
 EVAL_MODES = ("fixed", "random")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _POSITIVE = ("batch_size", "grad_accum_steps", "vmap_seeds", "max_steps", "eval_interval",
@@ -187,6 +200,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"lr_schedule={config.lr_schedule!r} is unknown: use one of "
                         f"{', '.join(LR_SCHEDULES)}")
+    if not 0.0 < config.decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction must be in (0, 1] (the share of the run wsd cools "
+                        f"down over), got {config.decay_fraction}")
+    if config.decay_shape not in optim.DECAY_SHAPES:
+        raise UserError(f"decay_shape={config.decay_shape!r} is unknown: use one of "
+                        f"{', '.join(optim.DECAY_SHAPES)}")
+    if config.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer={config.optimizer!r} is unknown: use one of "
+                        f"{', '.join(OPTIMIZERS)}")
+    if not config.muon_lr > 0 or not 0.0 <= config.muon_momentum < 1.0:
+        raise UserError(f"need muon_lr > 0 and 0 <= muon_momentum < 1, got muon_lr="
+                        f"{config.muon_lr}, muon_momentum={config.muon_momentum}")
+    if config.muon_weight_decay < 0:
+        raise UserError(f"muon_weight_decay must be >= 0, got {config.muon_weight_decay}")
     if config.lr_schedule == "inverse_sqrt" and config.warmup_steps < 1:
         raise UserError("lr_schedule=inverse_sqrt needs warmup_steps >= 1 (it decays as "
                         "sqrt(warmup_steps / step)): set --config.warmup_steps")

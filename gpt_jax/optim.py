@@ -1,4 +1,5 @@
-"""The optax chain: warmup-then-cosine schedule, global-norm clipping, AdamW with a decay mask."""
+"""The optax chain: the learning-rate schedule, global-norm clipping, then AdamW with a decay
+mask, or Muon on the hidden matrices beside AdamW on everything else."""
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,13 @@ def decay_steps(config) -> int:
 def warmup_steps(config) -> int:
     """Returns the warmup the schedule uses: warmup_steps, shortened when it does not fit.
 
-    A cosine warmup must end before the decay does; when warmup_steps is too long for it (a
+    A cosine (or wsd) warmup must end before the decay does; when warmup_steps is too long for it (a
     short run of a recipe, e.g. --config.max_steps=60 with 100 warmup steps), the warmup
     takes the first half of the decay instead, so the run still warms up and then anneals
     to min_lr. The other schedules keep their warmup whatever the run's length.
     """
     decay = decay_steps(config)
-    if config.get("lr_schedule", "cosine") == "cosine" and config.warmup_steps >= decay:
+    if config.get("lr_schedule", "cosine") in ("cosine", "wsd") and config.warmup_steps >= decay:
         return decay // 2
     return config.warmup_steps
 
@@ -39,6 +40,9 @@ def lr_schedule(config) -> optax.Schedule:
     """Returns lr(step): a linear warmup from 0 to learning_rate, then config.lr_schedule.
 
     cosine: down to min_lr at decay_steps (0: max_steps), then flat (GPT-2, nanoGPT).
+    wsd: warmup, stable, decay: learning_rate until the last decay_fraction of the decay_steps,
+    then down to min_lr along decay_shape, linear or 1-sqrt (nanochat's warmdown; Hägele et
+    al. 2024), then flat.
     inverse_sqrt: learning_rate * sqrt(warmup_steps / step), the original Transformer's.
     constant: learning_rate. `step` counts optimizer updates done; update number k (1-based)
     uses lr(k), so the first update already moves the weights.
@@ -49,6 +53,16 @@ def lr_schedule(config) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=decay_steps(config), end_value=config.min_lr)
+    if kind == "wsd":
+        total = decay_steps(config)
+        start = max(warmup, total - round(config.decay_fraction * total))
+        shape = _DECAY_SHAPES[config.decay_shape]
+        span = max(total - start, 1)
+        cooldown = lambda count: config.min_lr + (peak - config.min_lr) * shape(  # noqa: E731
+            jnp.clip(count / span, 0.0, 1.0))
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                     optax.constant_schedule(peak), cooldown],
+                                    [warmup, start])
     if kind == "inverse_sqrt":
         decay = lambda count: peak * jnp.sqrt(warmup / jnp.maximum(count + warmup, 1))
     else:
@@ -56,13 +70,37 @@ def lr_schedule(config) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+# wsd's cool-down: the fraction of (learning_rate - min_lr) left at progress t in [0, 1].
+_DECAY_SHAPES = {"linear": lambda t: 1.0 - t, "1-sqrt": lambda t: 1.0 - jnp.sqrt(t)}
+DECAY_SHAPES = tuple(_DECAY_SHAPES)
+
+
 def decay_mask(params):
     """Returns True for parameters of two or more dimensions (matrices, embeddings)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def muon_mask(params):
+    """Returns True for the hidden matrices Muon updates: the 2-D kernels inside the blocks.
+
+    Everything else (token and position embeddings, an untied lm_head, norms, biases) stays
+    with AdamW, as in modded-nanogpt and nanochat: Muon orthogonalises a matrix's update,
+    which suits a map between hidden spaces but not a lookup table or the output layer.
+    """
+    def hidden(path, p) -> bool:
+        names = [getattr(k, "key", None) for k in path]
+        return p.ndim == 2 and names[-1] == "kernel" and str(names[0]).startswith("h_")
+    return jax.tree_util.tree_map_with_path(hidden, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-    """Returns global-norm clipping followed by AdamW on the warmup-cosine schedule."""
+    """Returns global-norm clipping followed by config.optimizer on config's schedule.
+
+    adamw: AdamW on every parameter (decay on matrices and embeddings, see decay_mask).
+    muon: optax.contrib.muon (Nesterov momentum muon_momentum, five Newton-Schulz steps) on
+    the hidden matrices (muon_mask) at muon_lr, and AdamW as above on the rest at
+    learning_rate; both follow the same schedule's shape.
+    """
     schedule = lr_schedule(config)
     adamw = optax.adamw(
         learning_rate=lambda count: schedule(count + 1),
@@ -72,6 +110,16 @@ def make_optimizer(config) -> optax.GradientTransformation:
         weight_decay=config.weight_decay,
         mask=decay_mask,
     )
+    if config.get("optimizer", "adamw") == "muon":
+        ratio = config.muon_lr / config.learning_rate
+        muon = optax.contrib.muon(learning_rate=lambda count: ratio * schedule(count + 1),
+                                  beta=config.muon_momentum, nesterov=True,
+                                  weight_decay=config.muon_weight_decay)
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda m: "muon" if m else "adamw", muon_mask(params))
+        tx = optax.partition({"muon": muon, "adamw": adamw}, labels)
+    else:
+        tx = adamw
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    return tx

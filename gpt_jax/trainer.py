@@ -121,12 +121,13 @@ def norms(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
 def train_step(state: TrainState, batch, *, model: GPT, tx: optax.GradientTransformation,
                mesh: Mesh, grad_accum_steps: int = 1,
                grad_clip: float = 0.0) -> tuple[TrainState, dict]:
-    """Returns the state after one AdamW update on the global `batch`, and that step's metrics.
+    """Returns the state after one optimizer update on the global `batch`, and its metrics.
 
     The dropout key of step k is fold_in(state.rng, k), drawn inside the compiled step (a
     separate host call per step would wait for the previous step and stall the dispatch
     queue), so dropout masks are a pure function of (seed, step) and resumes are exact. The
-    gradient is computed under shard_map; the AdamW update runs on the sharded state as it lies.
+    gradient is computed under shard_map; the optimizer update runs on the sharded state as it
+    lies.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = sharded_value_and_grad(state.params, batch, rng, model=model, mesh=mesh,
