@@ -13,6 +13,7 @@ unfinished ones. Runs go one at a time (one accelerator, one run), each in a fre
 `python train.py` process. Afterwards: python -m gpt_jax.report OUT/*/seed_* --out OUT/report
 """
 
+import copy
 import itertools
 import json
 import subprocess
@@ -112,7 +113,7 @@ def planned_runs(args) -> list[tuple]:
     for overrides in plan(args.grid, args.variant):
         seeds = []
         for i in range(args.seeds):
-            config = ml_collections.ConfigDict(base.to_dict())
+            config = copy.deepcopy(base)  # keeps placeholders (n_kv_head: None) typed
             for field, value in common + overrides:
                 apply_override(config, field, value)
             config.seed += i
@@ -120,7 +121,7 @@ def planned_runs(args) -> list[tuple]:
             config_lib.validate(config)
             seeds.append(config)
         if args.vmap_seeds:
-            joint = ml_collections.ConfigDict(seeds[0].to_dict())
+            joint = copy.deepcopy(seeds[0])
             joint.vmap_seeds, joint.out_dir = args.seeds, str(Path(seeds[0].out_dir).parent)
             runs.append((overrides, joint, seeds))
         else:

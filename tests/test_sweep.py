@@ -1,5 +1,6 @@
 """The ablation tools: a sweep of variants and seeds, then its report."""
 
+import argparse
 import json
 
 import pytest
@@ -35,6 +36,14 @@ def test_overrides_are_typed_and_checked():
     sweep.apply_override(config, "model.embed_scale", "2")
     sweep.apply_override(config, "model.final_norm", "false")
     assert (config.model.embed_scale, config.model.final_norm) == (2.0, False)
+
+
+def test_planned_runs_type_placeholder_fields_of_every_variant(tmp_path):
+    args = argparse.Namespace(config="configs/shakespeare_cpu.py", set=[], grid=[], seeds=2,
+                              vmap_seeds=True, out=str(tmp_path),
+                              variant=["model.n_kv_head=2 model.mlp_hidden=96"])
+    (_, joint, seeds), = sweep.planned_runs(args)
+    assert [(c.model.n_kv_head, c.model.mlp_hidden) for c in (joint, *seeds)] == [(2, 96)] * 3
 
 
 def test_sweep_runs_skips_finished_and_reports(tmp_path):
