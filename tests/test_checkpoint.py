@@ -49,6 +49,12 @@ def test_latest_metadata_and_what_may_change_between_runs(tiny_config, tmp_path)
         checkpoint.check_compatible(changed, meta, tokenizer)
     with pytest.raises(UserError, match="another tokenizer"):
         checkpoint.check_compatible(config, meta, {**tokenizer, "kind": "other"})
+    changed = config.copy_and_resolve_references()
+    changed.optimizer = "muon"  # its state has another tree: orbax could not restore it
+    with pytest.raises(UserError, match="trained with optimizer=adamw.*--config.optimizer=adamw"):
+        checkpoint.check_compatible(changed, meta, tokenizer)
+    older = ({k: v for k, v in meta[0].items() if k != "optimizer"}, tokenizer)
+    checkpoint.check_compatible(config, older, tokenizer)  # before the field: AdamW
 
 
 def test_a_loaded_model_runs_on_this_machines_kernels(tiny_config):
