@@ -22,8 +22,18 @@ first in odd rounds, nanoGPT first in even ones), so both see the same machine l
 glibc settings of host_memory.py, which spare PyTorch's large allocations their page faults
 too). It prints each round's ms/step and ratio, then a last line
 `nanogpt_ms_per_step=N ms_per_step=N speedup_vs_nanogpt=N.NNx` (medians over rounds).
+
+--mode variants times the train step of several variants of the config side by side, each
+--variant given as in gpt_jax.sweep ("" is the config as it is, the baseline; "model.norm=
+rmsnorm optimizer=muon" sets two fields): all are compiled first, then --rounds rounds of
+--steps steps of each, the order rotating every round. It prints a line per variant with its
+parameters, median ms/step, tokens/s and tokens/s relative to the first variant, e.g.
+
+    python benchmarks/bench.py --config configs/shakespeare_cpu.py --mode variants \
+        --variant= --variant=model.pos_encoding=rope --variant=optimizer=muon
 """
 
+import copy
 import math
 import sys
 import time
@@ -42,7 +52,10 @@ from gpt_jax import config as config_lib  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 from gpt_jax.model import GPT, count_params, init_params  # noqa: E402
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt"], "What to time.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt", "variants"],
+                          "What to time.")
+_VARIANTS = flags.DEFINE_multi_string("variant", [], "--mode variants: FIELD=VALUE overrides "
+                                      "(space-separated; empty: the config as it is).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps after compiling.")
 _ROUNDS = flags.DEFINE_integer("rounds", 10, "--mode nanogpt: alternating rounds.")
@@ -71,6 +84,8 @@ def bench(argv: list[str]) -> None:
         bench_sample(config, batch_sizes)
     elif _MODE.value == "nanogpt":
         bench_nanogpt(config)  # a UserError without torch
+    elif _MODE.value == "variants":
+        bench_variants(config, _VARIANTS.value or [""])
     else:
         bench_train(config)
 
@@ -184,6 +199,35 @@ def bench_nanogpt(config):
           f"({tokens_per_step / np.median(theirs) * 1000:,.0f} tokens/s)")
     print(f"nanogpt_ms_per_step={np.median(theirs):.2f} ms_per_step={np.median(ours):.2f} "
           f"speedup_vs_nanogpt={ratio:.2f}x")
+
+
+def bench_variants(config, variants: list[str]) -> None:
+    from gpt_jax import sweep
+
+    runs = []
+    for text in variants:
+        overrides = [sweep.parse_override(t) for t in text.split()]
+        variant = copy.deepcopy(config)
+        for field, value in overrides:
+            sweep.apply_override(variant, field, value)
+        step, state, batches, model_cfg, _ = _train_setup(variant)
+        runs.append((sweep.variant_name(overrides), _timed_loop(step, state, batches),
+                     count_params(model_cfg)["total"], []))
+        runs[-1][1](max(_WARMUP.value, 1))
+    steps = _STEPS.value
+    for r in range(_ROUNDS.value):
+        for k in range(len(runs)):  # rotated: each variant leads once every len(runs) rounds
+            name, run, _, times = runs[(r + k) % len(runs)]
+            times.append(1000 * run(steps) / steps)
+        print(f"round {r + 1}: " + " | ".join(f"{name} {times[-1]:.2f} ms/step"
+                                              for name, _, _, times in runs), flush=True)
+    tokens_per_step = config.batch_size * config.model.block_size
+    base = float(np.median(runs[0][3]))
+    print(f"median over {_ROUNDS.value} rounds of {steps} steps ({tokens_per_step} tokens/step):")
+    for name, _, n_params, times in runs:
+        ms = float(np.median(times))
+        print(f"variant={name} params={n_params} ms_per_step={ms:.2f} "
+              f"tokens_per_sec={tokens_per_step / ms * 1000:.0f} relative={base / ms:.3f}")
 
 
 def bench_sample(config, batch_sizes: list[int]) -> None:

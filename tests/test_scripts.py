@@ -212,6 +212,23 @@ def test_bench_times_the_configs_mesh_like_train():
                                   "× 1 micro-batch(es): make it a multiple of 8")
 
 
+def test_bench_variants_mode_times_each_variant_against_the_first():
+    result = run_cli(BENCH, "--config", CPU, "--mode", "variants", "--steps", "1",
+                     "--rounds", "2", "--warmup", "1", "--config.model.n_layer=1",
+                     "--config.model.n_embd=32", "--config.model.n_head=2", "--variant=",
+                     "--variant=model.activation=swiglu optimizer=muon")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len([line for line in lines if line.startswith("round ")]) == 2
+    # 1 layer of width 32, no biases: 16,512. swiglu adds a third 32 x 128 matrix (Llama's rule
+    # rounds 2/3 of 128 up to 128).
+    assert re.fullmatch(r"variant=baseline params=16512 ms_per_step=[\d.]+ "
+                        r"tokens_per_sec=\d+ relative=1.000", lines[-2]), lines[-2]
+    assert re.fullmatch(r"variant=activation=swiglu__optimizer=muon params=20608 "
+                        r"ms_per_step=[\d.]+ tokens_per_sec=\d+ relative=[\d.]+",
+                        lines[-1]), lines[-1]
+
+
 def test_bench_nanogpt_mode_alternates_rounds_and_ends_with_the_ratio():
     from conftest import require_parity_libs
 
