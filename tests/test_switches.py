@@ -1,7 +1,7 @@
 """The switches of today's ablations (issue 20): RoPE, RMSNorm, ReLU², SwiGLU, QK-norm,
 grouped-query attention, logit soft-capping, zero-initialised projections. Each against its
-formula or its reference implementation, and a "modern" model of all of them through the KV-cache
-sampler, resume, vmap_seeds and sharding."""
+formula or its reference implementation, and a "modern" model of all of them, trained by Muon on
+the wsd schedule, through the KV-cache sampler, resume, vmap_seeds and sharding."""
 
 import dataclasses
 import json
@@ -279,9 +279,10 @@ def test_cached_decode_equals_full_recompute():
     assert len(set(cached[0].tolist())) > 5
 
 
-# The tiny trainer config (2 heads) with every switch on; 8 rows to split over 8 devices.
+# The tiny trainer config (2 heads) with every switch on, trained by Muon on the wsd schedule;
+# 8 rows to split over 8 devices.
 MODERN_OVERRIDES = {**{f"model.{k}": v for k, v in MODERN_FIELDS.items()}, "batch_size": 8,
-                    "log_interval": 1}
+                    "log_interval": 1, "optimizer": "muon", "lr_schedule": "wsd"}
 
 
 def _modern_config(out_dir, **extra):
@@ -324,6 +325,8 @@ def test_modern_model_resumes_bit_identically_and_samples(straight, tmp_path):
         straight / "metrics.jsonl").read_bytes()
     _, cfg, params, _ = checkpoint.load_model(straight)
     assert {k: getattr(cfg, k) for k in MODERN_FIELDS} == MODERN_FIELDS
+    saved = checkpoint.latest_metadata(straight)[1][0]
+    assert (saved["optimizer"], saved["lr_schedule"]) == ("muon", "wsd")
     assert sampling.generate(params, cfg, [[1, 2, 3]], max_new_tokens=5).shape == (1, 5)
 
 
