@@ -258,7 +258,7 @@ def test_a_bad_value_for_a_script_flag_names_that_flag_not_the_config():
     result = run_cli(BENCH, "--config", CPU, "--mode", "bogus")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: bad value for --mode: value should be one of <train|sample|nanogpt> "
+        "error: bad value for --mode: value should be one of <train|sample|nanogpt|variants> "
         "(--help lists the flags)")
 
 
