@@ -47,10 +47,11 @@ import jax  # noqa: E402 (after the path: gpt_jax may not be installed)
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from gpt_jax import cli, entry, loop, metrics, optim, sampling, sharding, trainer  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from gpt_jax import cli, entry, metrics, sampling  # noqa: E402
 from gpt_jax import config as config_lib  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
-from gpt_jax.model import GPT, count_params, init_params  # noqa: E402
+from gpt_jax.model import count_params, init_params  # noqa: E402
 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt", "variants"],
                           "What to time.")
@@ -94,59 +95,23 @@ def main(argv: list[str]) -> None:
     entry.main(lambda: bench(argv), keep_freed_memory=True)
 
 
-def _train_setup(config):
-    """Compiles the config's train step over its mesh (as train.py does: all devices unless
-    --config.mesh says otherwise).
-
-    Returns (step, state, batches, model config, (peak FLOP/s of the mesh, its source)).
-    """
-    config_lib.validate(config)
-    model_cfg = config_lib.model_config(config, _VOCAB.value)
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
-    tx = optim.make_optimizer(config)
-    init, shardings = trainer.sharded_init(model_cfg, tx, config.seed, mesh)
-    state = jax.jit(init, out_shardings=shardings)()  # born sharded, as in train.py
-    rng = np.random.default_rng(0)
-    shape = (config.batch_size, model_cfg.block_size + 1)
-    batches = [rng.integers(0, model_cfg.vocab_size, size=shape, dtype=np.int32)
-               for _ in range(8)]
-    batches = [sharding.put_batch((b[:, :-1], b[:, 1:]), mesh, config.batch_size)
-               for b in batches]
-    t0 = time.perf_counter()
-    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps, mesh, shardings,
-                                   grad_clip=config.grad_clip).lower(state, batches[0]).compile()
-    print(f"backend: {jax.default_backend()} ({mesh.size} device(s): "
-          f"data={mesh.shape[sharding.DATA]} x fsdp={mesh.shape[sharding.FSDP]})")
-    print(f"compile_s={time.perf_counter() - t0:.2f}")
-    return step, state, batches, model_cfg, metrics.peak_flops(mesh.devices.flat)
-
-
-def _timed_loop(step, state, batches):
-    """Returns run(n) -> seconds: n paced steps, as train.py's loop runs them."""
-    pace = loop.StepPacer(step)
-
-    def run(n):
-        nonlocal state
-        t0 = time.perf_counter()
-        step_metrics = None  # --warmup 0 runs no step
-        for i in range(n):
-            state, step_metrics = step(state, batches[i % len(batches)])
-            pace(step_metrics)
-        jax.block_until_ready(step_metrics)
-        return time.perf_counter() - t0
-
-    return run
+def _train_setup(config) -> harness.TrainSetup:
+    """Compiles the config's train step over its mesh; prints the mesh and compile seconds."""
+    setup = harness.train_setup(config, _VOCAB.value)
+    print(harness.mesh_line(setup.mesh))
+    print(f"compile_s={setup.compile_s:.2f}")
+    return setup
 
 
 def bench_train(config):
-    step, state, batches, model_cfg, (peak, peak_source) = _train_setup(config)
-    tokens_per_step = config.batch_size * model_cfg.block_size
-    flops_per_token = metrics.model_flops_per_token(model_cfg)
+    setup = _train_setup(config)
+    (peak, peak_source), step = setup.peak, setup.step
+    tokens_per_step = config.batch_size * setup.model_cfg.block_size
+    flops_per_token = metrics.model_flops_per_token(setup.model_cfg)
     print(metrics.flops_report(flops_per_token * tokens_per_step, metrics.xla_flops(step), peak,
                                peak_source))  # train.py's line
 
-    run = _timed_loop(step, state, batches)
+    run = harness.TimedLoop(step, setup.state, setup.batches)
     run(_WARMUP.value)
     ms = 1000 * run(_STEPS.value) / _STEPS.value
     tokens_per_sec = tokens_per_step / ms * 1000
@@ -162,10 +127,10 @@ def bench_nanogpt(config):
     model_cfg = config_lib.model_config(config, _VOCAB.value)
     model = torch_nanogpt.build(model_cfg, seed=config.seed)  # refuses what nanoGPT lacks
     torch = torch_nanogpt.require_torch()
-    step, state, batches, model_cfg, _ = _train_setup(config)
+    setup = _train_setup(config)
     optimizer = torch_nanogpt.make_optimizer(model, config)
     torch_batches = [tuple(torch.from_numpy(np.asarray(a, np.int64)) for a in b)
-                     for b in batches]
+                     for b in setup.batches]
     print(f"nanoGPT: PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, "
           f"same shapes, AdamW{' + clipping' if config.grad_clip > 0 else ''}")
 
@@ -177,7 +142,7 @@ def bench_nanogpt(config):
         loss.item()
         return time.perf_counter() - t0
 
-    run_jax = _timed_loop(step, state, batches)
+    run_jax = harness.TimedLoop(setup.step, setup.state, setup.batches)
     run_jax(_WARMUP.value)
     run_nanogpt(max(_WARMUP.value, 1))
     steps, ours, theirs = _STEPS.value, [], []
@@ -210,9 +175,10 @@ def bench_variants(config, variants: list[str]) -> None:
         variant = copy.deepcopy(config)
         for field, value in overrides:
             sweep.apply_override(variant, field, value)
-        step, state, batches, model_cfg, _ = _train_setup(variant)
-        runs.append((sweep.variant_name(overrides), _timed_loop(step, state, batches),
-                     count_params(model_cfg)["total"], []))
+        setup = _train_setup(variant)
+        runs.append((sweep.variant_name(overrides),
+                     harness.TimedLoop(setup.step, setup.state, setup.batches),
+                     count_params(setup.model_cfg)["total"], []))
         runs[-1][1](max(_WARMUP.value, 1))
     steps = _STEPS.value
     for r in range(_ROUNDS.value):
@@ -250,43 +216,27 @@ def bench_sample(config, batch_sizes: list[int]) -> None:
 def _bench_batch(params, cfg, batch: int) -> float:
     """Times one batch size with the KV cache and by full recompute; returns the speedup."""
     n = _NEW_TOKENS.value
-    rng = np.random.default_rng(batch)
-    prompts = rng.integers(0, cfg.vocab_size, (batch, _PROMPT_TOKENS.value)).tolist()
-    options = {"temperature": 0.8, "top_k": 200, "seed": 0}
+    prompts = harness.random_prompts(cfg.vocab_size, batch, _PROMPT_TOKENS.value)
+    compile_s, first_s, cached = harness.time_kv_cache(params, cfg, prompts, n)
+    _report(batch, "kv cache", compile_s, first_s, cached, "")
 
-    def run(tokens, **kwargs):
-        return sampling.generate(params, cfg, prompts, max_new_tokens=tokens, **options, **kwargs)
-
-    def first_token():  # the prefill and the first sampled token, as --stream shows it
-        return next(sampling.stream(params, cfg, prompts, max_new_tokens=n, **options))
-
-    with sampling.compile_watch() as compiling:
-        run(n)
-        first_token()
-    first_s = _seconds(first_token)
-    cached = batch * n / _seconds(lambda: run(n))
-    _report(batch, "kv cache", compiling.seconds, first_s, cached, "")
+    def recompute(tokens):
+        return sampling.generate(params, cfg, prompts, max_new_tokens=tokens, use_cache=False,
+                                 **harness.SAMPLING_OPTIONS)
 
     k = _BASELINE_TOKENS.value or max(1, math.ceil(n / batch))
     with sampling.compile_watch() as compiling:
-        run(1, use_cache=False)
-    first_s = _seconds(lambda: run(1, use_cache=False))
-    full = batch * k / _seconds(lambda: run(k, use_cache=False))
+        recompute(1)
+    first_s = harness.seconds(lambda: recompute(1))
+    full = batch * k / harness.seconds(lambda: recompute(k))
     note = f" (timed over {k} tokens, same cost per token)" if k != n else ""
     _report(batch, "recompute", compiling.seconds, first_s, full, note)
     print(f"batch {batch}: the kv cache is {cached / full:.1f}x faster than full recompute")
     return cached / full
 
 
-def _seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _report(batch, name, compile_s, first_s, tokens_per_sec, note):
-    print(f"batch {batch} | {name:<9} | compile {compile_s:5.2f} s | first token "
-          f"{1000 * first_s:7.1f} ms | {tokens_per_sec:8.1f} tokens/s{note}", flush=True)
+def _report(*args):
+    print(harness.sampling_line(*args), flush=True)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ def init_distributed() -> None:
         jax.distributed.initialize()
 
 
+def with_default_config(argv: list[str], path: str) -> list[str]:
+    """Returns argv with `--config PATH` after the program name when argv names no config."""
+    if _config_filename(argv) is not None:
+        return list(argv)
+    return [*argv[:1], "--config", path, *argv[1:]]
+
+
 def _config_filename(argv: list[str]) -> str | None:
     """Returns the value of --config in argv (the file part of FILE:ARGS), or None."""
     for i, arg in enumerate(argv):
