@@ -3,7 +3,8 @@
 Standard output carries only the samples, separated by a line of dashes; with --format json, one
 JSON object per sample and line: prompt, prompt_tokens, text (the generated part), tokens (its
 ids) and tokens_per_sec (compilation excluded). Logs go to stderr. A sample ends at
-<|endoftext|> (BPE models) and before any --stop text. Past block_size the window slides: see
+<|endoftext|> (BPE models), at the end-of-sequence token of an hf:DIR's tokenizer.json, and
+before any --stop text. Past block_size the window slides: see
 gpt_jax/sampling.py.
 """
 
@@ -21,7 +22,8 @@ def parse_args(argv):
     p = entry.ArgumentParser(command="python sample.py", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="out_dir of a training run")
-    source.add_argument("--init_from", help="hf:DIR (a Hugging Face GPT-2 directory) or hf:gpt2")
+    source.add_argument("--init_from",
+                        help="hf:DIR (a Hugging Face GPT-2 or Llama directory) or hf:gpt2")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")

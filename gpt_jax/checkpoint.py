@@ -141,17 +141,16 @@ def load_model(out_dir, step: int | None = None):
 
 def load_for_inference(out_dir: str | None, init_from: str = "", step: int | None = None):
     """Returns (model config, params, tokenizer, description) of a checkpoint directory or of
-    init_from (hf:DIR or hf:gpt2, with GPT-2's BPE), for sampling and evaluation."""
+    init_from (hf:DIR or hf:NAME, GPT-2 or Llama, with the directory's tokenizer.json or else
+    GPT-2's BPE), for sampling and evaluation."""
     if out_dir:
         step, config, params, tokenizer = load_model(out_dir, step)
         return config, params, tokenizer, f"{out_dir} at step {step}"
     if not init_from.startswith(hf.PREFIX):
         raise UserError(f"--init_from {init_from!r} is not understood: use hf:DIR or hf:gpt2")
-    config, params = hf.load(init_from)
-    tokenizer = data.TiktokenTokenizer("gpt2")
-    if config.vocab_size > tokenizer.vocab_size:
-        raise UserError(f"{init_from} has a vocabulary of {config.vocab_size} tokens, more "
-                        f"than GPT-2's BPE ({tokenizer.vocab_size}): its ids cannot be decoded")
+    directory = hf.resolve(init_from)
+    config, params = hf.load(f"{hf.PREFIX}{directory}")
+    tokenizer = hf.read_tokenizer(directory, config.vocab_size)
     return config, params, tokenizer, f"{init_from} ({config.n_layer} layers, {config.n_embd} wide)"
 
 

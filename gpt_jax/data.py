@@ -104,6 +104,47 @@ class TiktokenTokenizer:
         return {"kind": "tiktoken", "encoding": self.encoding}
 
 
+@dataclasses.dataclass(frozen=True)
+class HFTokenizer:
+    """A Hugging Face tokenizer.json through the `tokenizers` library (Llama, SmolLM, ...).
+
+    Text is encoded as it stands, without the begin-of-text token some tokenizers add (as
+    tiktoken encodes it); `eos_id` is the token that ends a sample (None: none does).
+    """
+
+    json: str = dataclasses.field(repr=False)  # the tokenizer.json text
+    eos_id: int | None = None
+
+    @functools.cached_property
+    def _tok(self):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("this model's tokenizer.json needs the tokenizers library: "
+                            "pip install tokenizers") from None
+        return Tokenizer.from_str(self.json)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """Returns the UTF-8 length of each token's text alone, int64 (vocab_size,); 0 for
+        special tokens such as </s>, which stand for no text."""
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return np.array([0 if i in special else len(self.decode([i]).encode("utf-8"))
+                         for i in range(self.vocab_size)], np.int64)
+
+    def to_json(self) -> dict:
+        return {"kind": "hf", "json": self.json, "eos_id": self.eos_id}
+
+
 def tokenizer_from_json(table: dict):
     """Returns the tokenizer that `tokenizer.to_json()` described."""
     kind = table.get("kind")
@@ -111,6 +152,8 @@ def tokenizer_from_json(table: dict):
         return CharTokenizer(table["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(table["encoding"])
+    if kind == "hf":
+        return HFTokenizer(table["json"], table.get("eos_id"))
     raise UserError(f"unknown tokenizer kind {kind!r} in a saved tokenizer table")
 
 
@@ -176,7 +219,8 @@ def corpus_path(data_config) -> Path:
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise UserError(f"${SHAKESPEARE_ENV}={env} is not a file: point it at tinyshakespeare.txt")
+            raise UserError(f"${SHAKESPEARE_ENV}={env} is not a file: point it at "
+                            "tinyshakespeare.txt")
         _verify_shakespeare(path, f"${SHAKESPEARE_ENV}")
         return path
     return download_shakespeare(cache_root(data_config))
@@ -268,7 +312,8 @@ def read_prepared(directory: Path) -> Dataset:
     missing = [n for n in ("train.bin", "val.bin") if not (directory / n).is_file()]
     if missing:
         raise UserError(f"{directory} is not a prepared corpus (no {', '.join(missing)}): point "
-                        "--config.data.path at a text file or at a directory with train.bin/val.bin")
+                        "--config.data.path at a text file or at a directory with "
+                        "train.bin/val.bin")
     if (directory / "meta.json").is_file():
         meta = json.loads((directory / "meta.json").read_text())
         tokenizer = tokenizer_from_json(meta["tokenizer"])

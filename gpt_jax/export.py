@@ -1,11 +1,13 @@
-"""Writes a checkpoint as a Hugging Face GPT-2 directory that GPT2LMHeadModel loads.
+"""Writes a checkpoint as a Hugging Face directory: GPT2LMHeadModel or LlamaForCausalLM.
 
     python -m gpt_jax.export --checkpoint out/gpt2_finetune_shakespeare --out hf/shakespeare
 
-Only GPT-2-shaped models can be written (learned positions, tied head; the MLP is always
-tanh-GELU). A model trained without biases is written with zero biases. The tokenizer is not
-written: a GPT-2 BPE model uses the hub's gpt2 tokenizer; a character-level model's table
-stays in the checkpoint.
+A GPT-2-shaped model (learned positions, tied head, LayerNorm, tanh-GELU) is written as
+GPT-2; a model trained without biases is written with zero biases. A Llama-shaped one (rope,
+rmsnorm, swiglu, no biases; grouped-query attention and an untied head allowed) is written as
+Llama. Any other model is refused with the reasons neither fits. The tokenizer is not written:
+a GPT-2 BPE model uses the hub's gpt2 tokenizer; a character-level model's table stays in the
+checkpoint.
 """
 
 import sys
@@ -16,17 +18,14 @@ from gpt_jax.errors import UserError
 
 
 def export(args) -> None:
-    """Writes the checkpoint args name as a GPT-2 directory at args.out."""
+    """Writes the checkpoint args name as a GPT-2 or Llama directory at args.out."""
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: pass a new --out directory")
     step, config, params, tokenizer = checkpoint.load_model(args.checkpoint, args.step)
-    blockers = hf.export_blockers(config)
-    if blockers:
-        raise UserError(f"{args.checkpoint} cannot be written as GPT-2: "
-                        f"{'; '.join(blockers)}")
-    hf.write(out, params, config)
-    print(f"wrote {out} (GPT2LMHeadModel, {config.n_layer} layers, {config.n_embd} wide, "
+    hf.export_architecture(config, args.checkpoint)  # refuses before anything is written
+    architecture = hf.write(out, params, config)
+    print(f"wrote {out} ({architecture}, {config.n_layer} layers, {config.n_embd} wide, "
           f"vocab {config.vocab_size}) from {args.checkpoint} step {step}")
     if tokenizer.to_json()["kind"] != "tiktoken":
         print(f"note: this model uses a {tokenizer.to_json()['kind']} tokenizer of "

@@ -1,10 +1,12 @@
-"""GPT-2 weights in Hugging Face's format: read a GPT2LMHeadModel directory, write one back.
+"""Hugging Face model directories: find one, read GPT-2 or Llama weights, write one back.
 
-A Hugging Face GPT-2 directory holds config.json plus model.safetensors (or pytorch_model.bin,
-or a sharded model.safetensors.index.json). Tensor names carry the `transformer.` prefix when
-written by GPT2LMHeadModel.save_pretrained and lack it in OpenAI's hub files; both are read.
-Every tensor is mapped by name in `_tensor_map`. HF's Conv1D keeps its weight as (in, out),
-which is already the layout of a Flax Dense kernel, so no weight is transposed.
+A Hugging Face directory holds config.json plus model.safetensors (or pytorch_model.bin, or a
+sharded model.safetensors.index.json), and for sampling maybe tokenizer.json. config.json's
+model_type picks the format: GPT2LMHeadModel here, LlamaForCausalLM in gpt_jax/hf_llama.py.
+GPT-2 tensor names carry the `transformer.` prefix when written by save_pretrained and lack it
+in OpenAI's hub files; both are read. Every tensor is mapped by name in `_tensor_map`. HF's
+Conv1D keeps its weight as (in, out), already the layout of a Flax Dense kernel, so no GPT-2
+weight is transposed.
 """
 
 import dataclasses
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 
+from gpt_jax import data, hf_llama
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
 from gpt_jax.model import GPTConfig, abstract_params, saved_model_fields
@@ -34,6 +38,10 @@ PREFIX = "hf:"
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers older transformers versions saved beside the weights (the causal mask); not weights.
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# safetensors dtype names -> numpy; bfloat16 (most Llama checkpoints) through ml_dtypes.
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def gpt2_model_fields(size: str) -> dict:
@@ -75,7 +83,8 @@ def _download(name: str) -> Path:
                         "huggingface_hub: pip install huggingface_hub, or pass hf:DIR") from None
     try:
         return Path(huggingface_hub.snapshot_download(
-            name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+            name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                  "tokenizer.json"]))
     except Exception as err:  # noqa: BLE001 (offline, unknown repo, auth: all end here)
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise UserError(f"could not fetch {name!r} from the Hugging Face hub ({reason}): when "
@@ -85,16 +94,29 @@ def _download(name: str) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def read_config(directory: Path) -> GPTConfig:
-    """Returns our GPTConfig for a Hugging Face GPT-2 config.json (dropout set to 0)."""
+def _read_json(directory: Path) -> dict:
+    """Returns config.json of a Hugging Face directory, its model_type checked."""
     path = directory / "config.json"
     if not path.is_file():
         raise UserError(f"{directory} has no config.json: pass a directory written by "
-                        "GPT2LMHeadModel.save_pretrained or downloaded from the hub")
+                        "GPT2LMHeadModel or LlamaForCausalLM.save_pretrained, or from the hub")
     hf = json.loads(path.read_text())
-    if hf.get("model_type", "gpt2") != "gpt2":
+    if hf.get("model_type", "gpt2") not in ("gpt2", hf_llama.MODEL_TYPE):
         raise UserError(f"{path} describes a {hf.get('model_type')!r} model: only GPT-2 "
-                        "(model_type 'gpt2') can be imported")
+                        "(model_type 'gpt2') and Llama ('llama') can be imported")
+    return hf
+
+
+def _is_llama(hf: dict) -> bool:
+    return hf.get("model_type") == hf_llama.MODEL_TYPE
+
+
+def read_config(directory: Path) -> GPTConfig:
+    """Returns our GPTConfig for a Hugging Face GPT-2 or Llama config.json (dropout set to 0)."""
+    hf = _read_json(directory)
+    path = directory / "config.json"
+    if _is_llama(hf):
+        return hf_llama.read_config(hf, path)
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") in _TANH_GELUS,
                                 "only the tanh-approximated GELU of GPT-2 is implemented"),
@@ -124,18 +146,16 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
     """Returns every tensor of the directory's weights file(s) as float32 numpy arrays."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.is_file() or index.is_file():
-        from safetensors.numpy import load_file
-
         files = [single] if single.is_file() else sorted(
             {directory / f for f in json.loads(index.read_text())["weight_map"].values()})
         tensors = {}
         for f in files:
             try:
-                tensors.update(load_file(f))
-            except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+                tensors.update(_read_safetensors(f))
+            except Exception as err:  # noqa: BLE001 (a truncated or foreign file fails anywhere)
                 raise UserError(f"{f} could not be read ({type(err).__name__}: {err}): "
                                 "download it again") from None
-        return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+        return tensors
     if (directory / "pytorch_model.bin").is_file():
         try:
             import torch
@@ -145,6 +165,23 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
         state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in state.items()}
     raise UserError(f"{directory} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Returns the tensors of one .safetensors file as float32, bfloat16 ones included (which
+    safetensors.numpy cannot read). The format: an 8-byte little-endian header length, a JSON
+    header of name -> dtype, shape and byte offsets, then the data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        buffer = np.frombuffer(f.read(), np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            raw = buffer[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]])
+            tensors[name] = raw.reshape(info["shape"]).astype(np.float32)
+    return tensors
 
 
 def _tensor_map(config: GPTConfig) -> dict[str, tuple[str, ...]]:
@@ -199,7 +236,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, sourc
 
 
 def load(spec: str, block_size: int | None = None) -> tuple[GPTConfig, dict]:
-    """Returns (config, params) of the HF GPT-2 model `hf:DIR` or `hf:NAME` names.
+    """Returns (config, params) of the HF GPT-2 or Llama model `hf:DIR` or `hf:NAME` names.
 
     Args:
       spec: `hf:DIR` (a local directory) or `hf:NAME` (a hub model, fetched when online).
@@ -212,7 +249,30 @@ def load(spec: str, block_size: int | None = None) -> tuple[GPTConfig, dict]:
             raise UserError(f"block_size {block_size} exceeds the context of {directory} "
                             f"({config.block_size} positions): use at most {config.block_size}")
         config = dataclasses.replace(config, block_size=block_size)
-    return config, params_from_tensors(read_tensors(directory), config, str(directory))
+    tensors = read_tensors(directory)
+    if _is_llama(_read_json(directory)):
+        return config, hf_llama.params_from_tensors(tensors, config, str(directory))
+    return config, params_from_tensors(tensors, config, str(directory))
+
+
+def read_tokenizer(directory: Path, vocab_size: int):
+    """Returns the tokenizer to sample a Hugging Face directory with: its tokenizer.json (through
+    the `tokenizers` library, ending a sample at config.json's eos_token_id), or without one
+    GPT-2's BPE for GPT-2's vocabulary of 50257 tokens."""
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        eos = _read_json(directory).get("eos_token_id")
+        tokenizer = data.HFTokenizer(path.read_text(encoding="utf-8"),
+                                     eos[0] if isinstance(eos, list) and eos else eos)
+        if tokenizer.vocab_size > vocab_size:
+            raise UserError(f"{path} has {tokenizer.vocab_size} tokens but the model only "
+                            f"{vocab_size}: use the tokenizer.json the model was trained with")
+        return tokenizer
+    if vocab_size != GPT2_VOCAB_SIZE:
+        raise UserError(f"{directory} has no tokenizer.json and a vocabulary of {vocab_size} "
+                        f"tokens, not GPT-2's {GPT2_VOCAB_SIZE}: copy the model's "
+                        "tokenizer.json into it")
+    return data.TiktokenTokenizer("gpt2")
 
 
 # --------------------------------------------------------------------------- writing
@@ -236,8 +296,8 @@ def export_blockers(config: GPTConfig) -> list[str]:
                        "unscaled)")
     if not config.has_final_norm:
         reasons.append("final_norm=False (GPT-2 ends in a LayerNorm, ln_f)")
-    # The switches of the Llama family (zero_init_proj only initialises: it exports as is).
-    # Llama export is not there yet.
+    # The switches of the Llama family (zero_init_proj only initialises: it exports as is),
+    # which a Llama export writes: see hf_llama.export_blockers.
     if config.norm != "layernorm":
         reasons.append(f"norm={config.norm!r} (GPT-2 uses LayerNorm)")
     if config.norm_eps != 1e-5:
@@ -289,14 +349,35 @@ def tensors_from_params(params: dict, config: GPTConfig) -> dict[str, np.ndarray
     return tensors
 
 
-def write(directory: Path, params: dict, config: GPTConfig) -> None:
-    """Writes config.json and model.safetensors of a GPT2LMHeadModel into `directory`."""
+def export_architecture(config: GPTConfig, source: str = "this model") -> str:
+    """Returns the HF class `config` is written as: GPT2LMHeadModel when GPT-2 can express it,
+    else LlamaForCausalLM; raises UserError with the reasons neither can."""
+    gpt2, llama = export_blockers(config), hf_llama.export_blockers(config)
+    if not gpt2:
+        return "GPT2LMHeadModel"
+    if not llama:
+        return hf_llama.ARCHITECTURE
+    raise UserError(f"{source} cannot be written as GPT-2 ({'; '.join(gpt2)}) nor as Llama "
+                    f"({'; '.join(llama)})")
+
+
+def write(directory: Path, params: dict, config: GPTConfig) -> str:
+    """Writes config.json and model.safetensors of a GPT2LMHeadModel, or of a LlamaForCausalLM
+    when GPT-2 cannot express the model, into `directory`; returns the class written."""
     from safetensors.numpy import save_file
 
-    tensors = tensors_from_params(params, config)
+    architecture = export_architecture(config)
+    if architecture == hf_llama.ARCHITECTURE:
+        # A GPT-2-sized vocabulary is GPT-2's BPE, which ends a text with <|endoftext|>.
+        eot = GPT2_VOCAB_SIZE - 1 if config.vocab_size == GPT2_VOCAB_SIZE else None
+        tensors = hf_llama.tensors_from_params(params, config)
+        hf = hf_llama.hf_config(config, end_of_text=eot)
+    else:
+        tensors, hf = tensors_from_params(params, config), hf_config(config)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return architecture
 
 
 _REQUIRED = object()

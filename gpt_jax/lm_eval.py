@@ -517,7 +517,8 @@ def main(argv: list[str]) -> None:
     p = entry.ArgumentParser(command="python -m gpt_jax.lm_eval", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="out_dir of a training run")
-    source.add_argument("--init_from", help="hf:DIR (a Hugging Face GPT-2 directory) or hf:gpt2")
+    source.add_argument("--init_from",
+                        help="hf:DIR (a Hugging Face GPT-2 or Llama directory) or hf:gpt2")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--tasks", required=True,
                    help="comma-separated harness task names or paths to task .yaml files")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax.data import TiktokenTokenizer
+from gpt_jax.data import HFTokenizer, TiktokenTokenizer
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, init_cache
 
@@ -150,7 +150,9 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
         cache = {**state.cache, "index": jnp.zeros(B, jnp.int32)}
         if keep > 1:
             cache = extend(params, cache, kept_BK)[1]
-        pick = lambda new, old: jnp.where(full_B.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+        def pick(new, old):
+            return jnp.where(full_B.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+
         cache, context_BS = jax.tree.map(pick, (cache, context_BS), (state.cache, state.context_BS))
         return state._replace(cache=cache, context_BS=context_BS)
 
@@ -382,9 +384,11 @@ def stream_text(tokens: Iterator[np.ndarray], decode: Callable[[list[int]], str]
 
 
 def end_of_text(tokenizer) -> int | None:
-    """Returns the id of <|endoftext|> for a BPE tokenizer, None for a character tokenizer."""
-    return tokenizer.encode("<|endoftext|>")[0] if isinstance(tokenizer, TiktokenTokenizer) \
-        else None
+    """Returns the id of <|endoftext|> for GPT-2's BPE, the end-of-sequence token of a Hugging
+    Face tokenizer.json, None for a character tokenizer."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return tokenizer.encode("<|endoftext|>")[0]
+    return tokenizer.eos_id if isinstance(tokenizer, HFTokenizer) else None
 
 
 def records(texts: Sequence[str], prompts: Sequence[list[int]], tokens_BN: np.ndarray,
