@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import ml_dtypes
 import numpy as np
 
 from gpt_jax import data, hf_llama
@@ -38,10 +37,6 @@ PREFIX = "hf:"
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers older transformers versions saved beside the weights (the causal mask); not weights.
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-# safetensors dtype names -> numpy; bfloat16 (most Llama checkpoints) through ml_dtypes.
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def gpt2_model_fields(size: str) -> dict:
@@ -168,20 +163,12 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Returns the tensors of one .safetensors file as float32, bfloat16 ones included (which
-    safetensors.numpy cannot read). The format: an 8-byte little-endian header length, a JSON
-    header of name -> dtype, shape and byte offsets, then the data."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        buffer = np.frombuffer(f.read(), np.uint8)
-    tensors = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            begin, end = info["data_offsets"]
-            raw = buffer[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]])
-            tensors[name] = raw.reshape(info["shape"]).astype(np.float32)
-    return tensors
+    """Returns the tensors of one .safetensors file as float32 numpy arrays. Read through
+    safetensors' Flax loader: numpy has no bfloat16, the dtype of most Llama checkpoints, which
+    safetensors.numpy therefore cannot read."""
+    from safetensors.flax import load_file
+
+    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
 
 
 def _tensor_map(config: GPTConfig) -> dict[str, tuple[str, ...]]:
