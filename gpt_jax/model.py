@@ -366,13 +366,16 @@ class GPT(nn.Module):
     row b of idx_BT sits at positions index[b], index[b] + 1, ... after the tokens already cached,
     and attends to all of them. index[b] then advances by lengths_B[b] (default T): the rest of
     the row is right padding, which no later token ever attends to.
+
+    With last_only=True the logits are (B, 1, vocab_size): those of each row's last token (at
+    lengths_B[b] - 1, default T - 1) alone, which is all a sampler needs from a prompt.
     """
 
     config: GPTConfig
 
     @nn.compact
     def __call__(self, idx_BT: jax.Array, decode: bool = False,
-                 lengths_B: jax.Array | None = None) -> jax.Array:
+                 lengths_B: jax.Array | None = None, last_only: bool = False) -> jax.Array:
         cfg = self.config
         B, T = idx_BT.shape
         if T > cfg.block_size:
@@ -404,6 +407,9 @@ class GPT(nn.Module):
         if cfg.has_final_norm:
             x_BTD = _norm(cfg, "ln_f")(x_BTD)
         x_BTD = x_BTD.astype(cfg.compute_dtype)
+        if last_only:  # sampling: the head (vocab_size wide) on each row's last token alone
+            last_B = jnp.full((B,), T - 1) if lengths_B is None else lengths_B - 1
+            x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
         if cfg.tie_embeddings:
             logits_BTV = kernels_of(cfg).logits(*promote_dtype(x_BTD, wte.embedding))
         else:

@@ -122,10 +122,10 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
     model, S = GPT(config), config.block_size
 
     def extend(params, cache, idx_BT, lengths_B=None):
-        logits_BTV, mutated = model.apply({"params": params, "cache": cache}, idx_BT,
-                                          decode=True, lengths_B=lengths_B, mutable=["cache"])
-        last_BV = logits_BTV[:, -1] if lengths_B is None else _last(logits_BTV, lengths_B)
-        return last_BV, mutated["cache"]
+        logits_B1V, mutated = model.apply({"params": params, "cache": cache}, idx_BT,
+                                          decode=True, lengths_B=lengths_B, last_only=True,
+                                          mutable=["cache"])
+        return logits_B1V[:, 0], mutated["cache"]
 
     def prefill(params, prompt_BP, lengths_B, opts):
         B, P = prompt_BP.shape

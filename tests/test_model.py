@@ -203,3 +203,21 @@ def test_decode_mode_has_the_same_parameters_and_a_cache():
     cache = init_cache(TINY, 3)
     assert cache["h_1"]["attn"]["cached_key"].shape == (3, 2, 16, 16)  # (B, H, block_size, K)
     assert cache["index"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_last_only_gives_each_rows_last_logits(tie_embeddings):
+    cfg = GPTConfig(**{**TINY.__dict__, "tie_embeddings": tie_embeddings})
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    model, idx = GPT(cfg), _tokens((2, 12))
+    apply = jax.jit(model.apply, static_argnames=("decode", "last_only", "mutable"))
+    full = apply({"params": params}, idx)
+    last = apply({"params": params}, idx, last_only=True)
+    assert last.shape == (2, 1, 50)
+    np.testing.assert_array_equal(last[:, 0], full[:, -1])
+    # In decode mode each row ends at lengths_B - 1 (the rest is right padding).
+    lengths = jnp.array([5, 9])
+    prefill, _ = apply({"params": params, "cache": init_cache(cfg, 2)}, idx, decode=True,
+                       lengths_B=lengths, last_only=True, mutable=("cache",))
+    np.testing.assert_allclose(prefill[:, 0], full[jnp.arange(2), lengths - 1], atol=1e-5,
+                               rtol=0)
