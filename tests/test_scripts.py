@@ -229,6 +229,24 @@ def test_bench_variants_mode_times_each_variant_against_the_first():
                         lines[-1]), lines[-1]
 
 
+def test_vs_transformers_checks_the_tokens_and_ends_each_batch_with_the_ratio():
+    from conftest import require_parity_libs
+
+    require_parity_libs()
+    result = run_cli("benchmarks/vs_transformers.py", "--n_layer", "1", "--n_head", "2",
+                     "--n_embd", "32", "--new_tokens", "6", "--rounds", "2",
+                     "--batch_sizes", "1,2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(";")[0] for line in lines if "tokens identical" in line] == [
+        "batch 1: tokens identical", "batch 2: tokens identical"]
+    closing = [line for line in lines if line.startswith("batch=")]
+    assert [line.split()[0] for line in closing] == ["batch=1", "batch=2"]
+    for line in closing:
+        assert re.fullmatch(r"batch=\d transformers_tokens_per_sec=[\d.]+ tokens_per_sec=[\d.]+ "
+                            r"speedup_vs_transformers=\d+\.\d\dx", line), line
+
+
 def test_bench_nanogpt_mode_alternates_rounds_and_ends_with_the_ratio():
     from conftest import require_parity_libs
 
