@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from gpt_jax import checkpoint, entry, sampling
+from gpt_jax import checkpoint, data, entry, metrics, sampling
 from gpt_jax.errors import UserError
 
 SEPARATOR = "-" * 40
@@ -71,6 +71,8 @@ def sample(args) -> None:
     if args.stream and (len(texts) > 1 or args.format == "json"):
         raise UserError("--stream prints one text sample: give one prompt, --num_samples 1 "
                         "and --format text")
+    # A second run of the same command loads its programs instead of compiling them.
+    entry.enable_compile_cache(data.compile_cache_dir())
     config, params, tokenizer, description = checkpoint.load_for_inference(
         args.checkpoint, args.init_from, args.step)
     prompts = [tokenizer.encode(text) for text in texts]
@@ -92,14 +94,15 @@ def sample(args) -> None:
             print(piece, end="", flush=True)
         print()
         return
-    with sampling.compile_watch() as compiling:
+    with sampling.compile_watch() as compiling, metrics.CacheHits() as hits:
         t0 = time.perf_counter()
         tokens = sampling.generate(params, config, prompts, **options)
         seconds = time.perf_counter() - t0 - compiling.seconds
     samples = sampling.records(texts, prompts, tokens, tokenizer.decode, args.stop, eot, seconds)
     print(f"generated {len(samples)} x {args.max_new_tokens} tokens in {seconds:.2f} s "
           f"({samples[0]['tokens_per_sec']} tokens/s per sample) after {compiling.seconds:.1f} s "
-          "compiling", file=sys.stderr)
+          "compiling" + (" (from the persistent compilation cache)" if hits.count else ""),
+          file=sys.stderr)
     if args.format == "json":
         print("\n".join(json.dumps(sample) for sample in samples))
     else:

@@ -186,10 +186,16 @@ class Dataset:
                 )
 
 
-def cache_root(data_config) -> Path:
-    """Returns where downloads and prepared corpora live."""
-    root = data_config.cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/gpt_jax"
-    return Path(root).expanduser()
+def cache_root(data_config=None) -> Path:
+    """Returns where downloads and prepared corpora live (data.cache_dir, else $GPT_JAX_CACHE,
+    else ~/.cache/gpt_jax)."""
+    root = (data_config.cache_dir if data_config else "") or os.environ.get(CACHE_ENV)
+    return Path(root or "~/.cache/gpt_jax").expanduser()
+
+
+def compile_cache_dir(data_config=None) -> Path:
+    """Returns the default home of JAX's persistent compilation cache: <cache root>/jax_compile."""
+    return cache_root(data_config) / "jax_compile"
 
 
 def load_dataset(data_config) -> Dataset:

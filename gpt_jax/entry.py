@@ -2,6 +2,7 @@
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from gpt_jax import host_memory
 from gpt_jax.errors import UserError, exit_with
@@ -53,3 +54,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         exit_with(UserError(f"{message} (see {self._command} --help)"))
+
+
+def enable_compile_cache(directory) -> None:
+    """Turns on JAX's persistent compilation cache in `directory`: a rerun of the same program
+    (a config's train step, a sampler's decode loop) loads it instead of compiling."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -4,7 +4,6 @@ import dataclasses
 import functools
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -16,7 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt_jax import checkpoint, data, hf, metrics, optim, seeds, sharding
+from gpt_jax import checkpoint, data, entry, hf, metrics, optim, seeds, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 from gpt_jax.loop import Loop, StepPacer, StopRequests
@@ -335,7 +334,4 @@ def _report_flops(model_cfg: GPTConfig, compiled, config, n_lanes: int, mesh: Me
 
 def _enable_compile_cache(config: ml_collections.ConfigDict) -> None:
     """Turns on JAX's persistent compilation cache, so a rerun of a config skips compiling."""
-    directory = config.compile_cache_dir or str(data.cache_root(config.data) / "jax_compile")
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    entry.enable_compile_cache(config.compile_cache_dir or data.compile_cache_dir(config.data))

@@ -34,6 +34,16 @@ def test_sample_prints_only_text_on_stdout(trained):
     assert "loaded" in result.stderr and "loaded" not in result.stdout
 
 
+def test_a_second_sample_run_loads_its_program_from_the_compilation_cache(trained, tmp_path):
+    cache = {"GPT_JAX_CACHE": str(tmp_path / "cache")}
+    args = ("sample.py", "--checkpoint", trained, "--max_new_tokens", "5")
+    first, second = run_cli(*args, env=cache), run_cli(*args, env=cache)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "from the persistent compilation cache" not in first.stderr
+    assert "from the persistent compilation cache" in second.stderr
+    assert first.stdout == second.stdout
+
+
 def test_greedy_sampling_is_reproducible(trained):
     args = ("sample.py", "--checkpoint", trained, "--temperature", "0", "--max_new_tokens", "30")
     first, second = run_cli(*args, "--seed", "1"), run_cli(*args, "--seed", "2")
