@@ -4,7 +4,8 @@
 
 Writes OUT/table.md, OUT/loss.png and OUT/runs.json. Run directories named seed_N under a
 common parent are seeds of one variant (the parent's name); any other run directory is its own
-variant. The variant named "baseline" (else the first one) is the reference.
+variant. The variant named "baseline" (else the first one; --baseline NAME picks another) is
+the reference.
 
 The table has one row per variant: parameters; the final val loss (the last evaluation's) as
 the mean over seeds ± the half-width of its Student t confidence interval (mean ± t·s/√n,
@@ -147,10 +148,10 @@ def _p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def table(rows: list[dict], alpha: float = ALPHA) -> str:
+def table(rows: list[dict], alpha: float = ALPHA, baseline: str = BASELINE) -> str:
     """Returns the markdown table: each variant's mean ± CI and its difference to the baseline,
     Welch's p-value and whether that difference is significant at alpha (and after Holm)."""
-    base = next((r for r in rows if r["variant"] == BASELINE), rows[0])
+    base = next((r for r in rows if r["variant"] == baseline), rows[0])
     level = f"{100 * (1 - alpha):g}% CI"
     with_bpb = any(r["bpbs"] for r in rows)
     tests = {r["variant"]: welch(r["finals"], base["finals"], alpha) for r in rows if r is not base}
@@ -238,14 +239,18 @@ def plot(groups: dict[str, list[Path]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(run_dirs: list[Path], out: Path, alpha: float = ALPHA) -> None:
+def report(run_dirs: list[Path], out: Path, alpha: float = ALPHA,
+           baseline: str = BASELINE) -> None:
     """Writes the table, the plot and runs.json of run_dirs under out, and prints the table."""
     groups = group_runs(run_dirs)
-    if BASELINE in groups:  # the reference row and colour come first
-        groups = {BASELINE: groups.pop(BASELINE), **groups}
+    if baseline != BASELINE and baseline not in groups:
+        raise UserError(f"--baseline {baseline} is not among the runs' variants: use one of "
+                        f"{', '.join(groups)}")
+    if baseline in groups:  # the reference row and colour come first
+        groups = {baseline: groups.pop(baseline), **groups}
     rows = [summarize(name, runs) for name, runs in groups.items()]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table(rows, alpha))
+    (out / "table.md").write_text(table(rows, alpha, baseline))
     plot(groups, out / "loss.png")
     (out / "runs.json").write_text(json.dumps(
         {name: [str(r) for r in runs] for name, runs in groups.items()}, indent=1) + "\n")
@@ -260,10 +265,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--alpha", type=float, default=ALPHA,
                    help="two-sided significance level; the intervals are at 1 - alpha "
                         "(default: %(default)s)")
+    p.add_argument("--baseline", default=BASELINE,
+                   help="the reference variant (default: %(default)s, else the first)")
     args = p.parse_args(argv)
     if not 0 < args.alpha < 1:
         p.error(f"--alpha must lie between 0 and 1, got {args.alpha}")
-    entry.main(lambda: report([Path(r) for r in args.runs], Path(args.out), args.alpha))
+    entry.main(lambda: report([Path(r) for r in args.runs], Path(args.out), args.alpha,
+                              args.baseline))
 
 
 if __name__ == "__main__":

@@ -199,3 +199,18 @@ def test_summarize_refuses_a_run_without_evaluations(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "train_loss": 3.0}) + "\n")
     with pytest.raises(UserError, match="no val_loss yet"):
         report.summarize("run", [run])
+
+
+def test_baseline_flag_picks_the_reference(tmp_path, capsys):
+    runs = (_variant(tmp_path, "baseline", [2.3, 2.4, 2.5])
+            + _variant(tmp_path, "lr=4e-3", [2.0, 2.1, 2.2])
+            + _variant(tmp_path, "relu", [2.0, 2.1, 2.2]))
+    out = tmp_path / "report"
+    report.main([*map(str, runs), "--out", str(out), "--baseline", "lr=4e-3"])
+    cells = _cells((out / "table.md").read_text())
+    assert list(cells)[0] == "lr=4e-3" and cells["lr=4e-3"]["p (Welch)"] == "—"
+    assert cells["relu"]["p (Welch)"] == "1.000" and cells["baseline"]["p (Welch)"] != "—"
+    with pytest.raises(SystemExit) as stop:
+        report.main([*map(str, runs), "--out", str(out), "--baseline", "nope"])
+    assert stop.value.code == 2
+    assert "--baseline nope is not among the runs' variants" in capsys.readouterr().err
