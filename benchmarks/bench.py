@@ -170,13 +170,12 @@ def bench_variants(config, variants: list[str]) -> None:
     from gpt_jax import sweep
 
     runs = []
-    for text in variants:
-        overrides = [sweep.parse_override(t) for t in text.split()]
+    for name, overrides in sweep.plan([], variants):
         variant = copy.deepcopy(config)
         for field, value in overrides:
             sweep.apply_override(variant, field, value)
         setup = _train_setup(variant)
-        runs.append((sweep.variant_name(overrides),
+        runs.append((name,
                      harness.TimedLoop(setup.step, setup.state, setup.batches),
                      count_params(setup.model_cfg)["total"], []))
         runs[-1][1](max(_WARMUP.value, 1))

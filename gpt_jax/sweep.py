@@ -6,11 +6,13 @@
 
 Variants are the product of the --grid options, or the list given by repeated --variant
 options ("model.activation=relu model.dropout=0.2"; "" is the config as it is), or both (the
-grid is crossed with the list). --set applies to every run. Each run has its own out_dir,
-OUT/<variant>/seed_<seed>/, holding its resolved config (config.json) next to the usual
-checkpoints and metrics; re-running the same command skips finished runs and resumes
-unfinished ones. Runs go one at a time (one accelerator, one run), each in a fresh
-`python train.py` process. Afterwards: python -m gpt_jax.report OUT/*/seed_* --out OUT/report
+grid is crossed with the list). A variant is named by its overrides (activation=relu__dropout=
+0.2, or baseline), or by a label before a colon: "modern: model.norm=rmsnorm model.qk_norm=True".
+--set applies to every run. Each run has its own out_dir, OUT/<variant>/seed_<seed>/, holding
+its resolved config (config.json) next to the usual checkpoints and metrics; re-running the
+same command skips finished runs and resumes unfinished ones. Runs go one at a time (one
+accelerator, one run), each in a fresh `python train.py` process. Afterwards:
+python -m gpt_jax.report OUT/*/seed_* --out OUT/report
 """
 
 import copy
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_collections
 
@@ -68,6 +71,11 @@ def apply_override(config: ml_collections.ConfigDict, field: str, value: str) ->
     holder[leaf] = typed
 
 
+class Variant(NamedTuple):
+    name: str  # its directory under the sweep's out and its row in the report
+    overrides: list[tuple[str, str]]  # (field, value) pairs
+
+
 def variant_name(overrides: list[tuple[str, str]]) -> str:
     """Returns a directory name for a variant: `pos_encoding=sinusoidal__dropout=0.2`."""
     if not overrides:
@@ -75,14 +83,31 @@ def variant_name(overrides: list[tuple[str, str]]) -> str:
     return "__".join(f"{field.split('.')[-1]}={value}" for field, value in overrides)
 
 
-def plan(grid: list[str], variants: list[str]) -> list[list[tuple[str, str]]]:
-    """Returns the list of variants, each a list of (field, value) overrides."""
+def parse_variant(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """Returns (label or None, overrides) of `[LABEL:] FIELD=VALUE ...`."""
+    label, sep, rest = text.partition(":")
+    if not sep or "=" in label:
+        return None, [parse_override(t) for t in text.split()]
+    if not label.strip() or "/" in label:
+        raise UserError(f"variant label {label!r} is not a directory name: use letters, "
+                        "digits, '=', '-', '_' or '.' before the colon")
+    return label.strip(), [parse_override(t) for t in rest.split()]
+
+
+def plan(grid: list[str], variants: list[str]) -> list[Variant]:
+    """Returns the list of variants: the grid's product crossed with the listed ones."""
     axes = []
     for option in grid:
         field, values = parse_override(option)
         axes.append([(field, v.strip()) for v in values.split(",") if v.strip()])
-    listed = [[parse_override(t) for t in v.split()] for v in variants] or [[]]
-    return [list(g) + v for g in itertools.product(*axes) for v in listed]
+    listed = [parse_variant(v) for v in variants] or [(None, [])]
+    planned = []
+    for g in itertools.product(*axes):
+        for label, overrides in listed:
+            name = variant_name(list(g) + overrides) if label is None else (
+                "__".join([variant_name(list(g))] * bool(g) + [label]))
+            planned.append(Variant(name, list(g) + overrides))
+    return planned
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
@@ -104,28 +129,28 @@ def is_finished(out_dir: Path, max_steps: int) -> bool:
 
 
 def planned_runs(args) -> list[tuple]:
-    """Returns (overrides, config of the process, configs of its seeds) for each process."""
+    """Returns (variant name, config of the process, configs of its seeds) for each process."""
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     base = load_config(args.config)
     common = [parse_override(t) for t in args.set]
     runs = []
-    for overrides in plan(args.grid, args.variant):
+    for name, overrides in plan(args.grid, args.variant):
         seeds = []
         for i in range(args.seeds):
             config = copy.deepcopy(base)  # keeps placeholders (n_kv_head: None) typed
             for field, value in common + overrides:
                 apply_override(config, field, value)
             config.seed += i
-            config.out_dir = str(Path(args.out) / variant_name(overrides) / f"seed_{config.seed}")
+            config.out_dir = str(Path(args.out) / name / f"seed_{config.seed}")
             config_lib.validate(config)
             seeds.append(config)
         if args.vmap_seeds:
             joint = copy.deepcopy(seeds[0])
             joint.vmap_seeds, joint.out_dir = args.seeds, str(Path(seeds[0].out_dir).parent)
-            runs.append((overrides, joint, seeds))
+            runs.append((name, joint, seeds))
         else:
-            runs.extend((overrides, c, [c]) for c in seeds)
+            runs.extend((name, c, [c]) for c in seeds)
     return runs
 
 
@@ -137,8 +162,8 @@ def sweep(args) -> None:
           f"{', seeds in one vmapped step' if args.vmap_seeds else ''}) into {args.out}",
           flush=True)
     t_start = time.perf_counter()
-    for n, (overrides, config, seeds) in enumerate(runs, 1):
-        label = (f"[{n}/{len(runs)}] {variant_name(overrides)} seed "
+    for n, (name, config, seeds) in enumerate(runs, 1):
+        label = (f"[{n}/{len(runs)}] {name} seed "
                  f"{'+'.join(str(c.seed) for c in seeds)}")
         if all(is_finished(Path(c.out_dir), c.max_steps) for c in seeds):
             print(f"{label}: finished before, skipped", flush=True)
@@ -174,7 +199,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                    help="a field and its values; several --grid options make a product")
     p.add_argument("--variant", action="append", default=[], metavar="'F=V F=V'",
-                   help="one variant as space-separated overrides ('' for the config itself)")
+                   help="one variant as space-separated overrides ('' for the config itself), "
+                        "optionally named: 'LABEL: F=V F=V'")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="an override for every run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per variant: seed, seed+1, ...")

@@ -16,9 +16,22 @@ TINY = [f"--set={k}={v}" for k, v in TINY_OVERRIDES.items()] + ["--set=max_steps
 def test_plan_crosses_grids_with_listed_variants():
     variants = sweep.plan(["model.dropout=0.0,0.2", "seed=1,2"], ["", "model.qkv_bias=False"])
     assert len(variants) == 8
-    assert variants[1] == [("model.dropout", "0.0"), ("seed", "1"), ("model.qkv_bias", "False")]
-    assert sweep.variant_name(variants[1]) == "dropout=0.0__seed=1__qkv_bias=False"
-    assert sweep.variant_name([]) == "baseline"
+    assert variants[1].overrides == [("model.dropout", "0.0"), ("seed", "1"),
+                                     ("model.qkv_bias", "False")]
+    assert variants[1].name == "dropout=0.0__seed=1__qkv_bias=False"
+    assert sweep.plan([], [""]) == [("baseline", [])]
+
+
+def test_a_label_names_a_variant():
+    variants = sweep.plan([], ["modern: model.norm=rmsnorm model.qk_norm=True",
+                               "optimizer=muon learning_rate=4e-3"])
+    assert variants == [("modern", [("model.norm", "rmsnorm"), ("model.qk_norm", "True")]),
+                        ("optimizer=muon__learning_rate=4e-3",
+                         [("optimizer", "muon"), ("learning_rate", "4e-3")])]
+    crossed = sweep.plan(["learning_rate=1e-3,2e-3"], ["modern: model.norm=rmsnorm"])
+    assert [v.name for v in crossed] == ["learning_rate=1e-3__modern", "learning_rate=2e-3__modern"]
+    with pytest.raises(UserError, match="variant label 'a/b' is not a directory name"):
+        sweep.plan([], ["a/b: model.norm=rmsnorm"])
 
 
 def test_overrides_are_typed_and_checked():
