@@ -84,9 +84,10 @@ def variant_name(overrides: list[tuple[str, str]]) -> str:
 
 
 def parse_variant(text: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """Returns (label or None, overrides) of `[LABEL:] FIELD=VALUE ...`."""
-    label, sep, rest = text.partition(":")
-    if not sep or "=" in label:
+    """Returns (label or None, overrides) of `[LABEL: ]FIELD=VALUE ...`: a label ends in a colon
+    and a space (a value may hold a colon, as in init_from=hf:gpt2)."""
+    label, sep, rest = text.strip().partition(": ")
+    if not sep or " " in label.strip():
         return None, [parse_override(t) for t in text.split()]
     if not label.strip() or "/" in label:
         raise UserError(f"variant label {label!r} is not a directory name: use letters, "

@@ -24,10 +24,13 @@ def test_plan_crosses_grids_with_listed_variants():
 
 def test_a_label_names_a_variant():
     variants = sweep.plan([], ["modern: model.norm=rmsnorm model.qk_norm=True",
-                               "optimizer=muon learning_rate=4e-3"])
+                               "optimizer=muon learning_rate=4e-3",
+                               "lr=2e-3: learning_rate=2e-3", "init_from=hf:gpt2"])
     assert variants == [("modern", [("model.norm", "rmsnorm"), ("model.qk_norm", "True")]),
                         ("optimizer=muon__learning_rate=4e-3",
-                         [("optimizer", "muon"), ("learning_rate", "4e-3")])]
+                         [("optimizer", "muon"), ("learning_rate", "4e-3")]),
+                        ("lr=2e-3", [("learning_rate", "2e-3")]),
+                        ("init_from=hf:gpt2", [("init_from", "hf:gpt2")])]
     crossed = sweep.plan(["learning_rate=1e-3,2e-3"], ["modern: model.norm=rmsnorm"])
     assert [v.name for v in crossed] == ["learning_rate=1e-3__modern", "learning_rate=2e-3__modern"]
     with pytest.raises(UserError, match="variant label 'a/b' is not a directory name"):
