@@ -295,7 +295,11 @@ class CausalSelfAttention(nn.Module):
         return Dropout(cfg)(y_BTD, deterministic)
 
     def _cached(self, k_BTNK, v_BTNK, positions_BT):
-        """Writes the new keys and values at their positions; returns the (B, N, S, K) cache."""
+        """Writes the new keys and values at their positions; returns the (B, N, S, K) cache.
+
+        S is the length of the cache passed in (init_cache's `length`, block_size by default):
+        a sampler may hold a shorter one while its rows are short, so that attention reads
+        only S positions, and grow it as they lengthen."""
         B, _, N, K = k_BTNK.shape
         shape = (B, N, self.config.block_size, K)
         cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k_BTNK.dtype)
@@ -426,12 +430,19 @@ def init_params(config: GPTConfig, rng: jax.Array):
     return jax.jit(lambda key: GPT(config).init(key, dummy_BT)["params"])(rng)
 
 
-def init_cache(config: GPTConfig, batch_size: int):
-    """Returns an empty decode cache: per-layer keys and values, and each row's length (0)."""
+def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
+    """Returns an empty decode cache: per-layer keys and values for `length` positions
+    (default block_size; positions past it are dropped), and each row's length (0)."""
     dummy_B1 = jnp.zeros((batch_size, 1), dtype=jnp.int32)
     shapes = jax.eval_shape(
         lambda: GPT(config).init(jax.random.PRNGKey(0), dummy_B1, decode=True)["cache"])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    length = config.block_size if length is None else length
+
+    def empty(s):  # keys and values are (B, N, S, K); the index is (B,)
+        shape = s.shape if len(s.shape) != 4 else (*s.shape[:2], length, s.shape[3])
+        return jnp.zeros(shape, s.dtype)
+
+    return jax.tree.map(empty, shapes)
 
 
 def abstract_params(config: GPTConfig):

@@ -5,7 +5,9 @@ decode mode (its `cache` collection); with streaming off a whole sample is one d
 (lax.while_loop). Prompts are right-padded to a bucket length (powers of two from 16 up to
 block_size), so the program compiles once per (batch, bucket, max_new_tokens, top_k, top_p on or
 off): a new prompt length within its bucket, a temperature, a top_p value or a seed reuse it.
-Rows of a batch may have prompts of different lengths: each has its own cache index.
+Rows of a batch may have prompts of different lengths: each has its own cache index. The cache
+starts short and grows (cache_lengths), so that a step's attention reads the positions a row can
+have, not the whole block.
 
 Past block_size the window slides: when a row's cache is full, its last `window_keep` tokens
 (the newest included; default block_size // 2) are prefilled again from position 0 and decoding
@@ -30,6 +32,8 @@ from gpt_jax.model import GPT, GPTConfig, init_cache
 
 PyTree = Any
 MIN_BUCKET = 16
+MIN_CACHE = 256  # the decode cache's first length (at least the prompt bucket); see cache_lengths
+CACHE_GROWTH = 4
 
 
 def check_options(max_new_tokens: int, temperature: float, top_k: int | None = None,
@@ -61,7 +65,17 @@ def sample_from_logits(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Ar
     tokens whose probability (after temperature) adds up to at least top_p. Ties at either
     cut-off are all kept.
     """
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
+    def greedy():
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+    def draw():
+        return _draw(logits_BV, rng, temperature, top_k, top_p)
+
+    # A greedy row (temperature 0) skips the draw: its random bits are a vocab-wide Threefry.
+    return jax.lax.cond(temperature == 0, greedy, draw)
+
+
+def _draw(logits_BV, rng, temperature, top_k, top_p):
     scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
@@ -72,8 +86,7 @@ def sample_from_logits(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Ar
         before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the likelier tokens
         cutoff_B1 = jnp.min(jnp.where(before_BV < top_p, sorted_BV, jnp.inf), -1, keepdims=True)
         scaled_BV = jnp.where(scaled_BV < cutoff_B1, -jnp.inf, scaled_BV)
-    sampled_B = jax.random.categorical(rng, scaled_BV, axis=-1)
-    return jnp.where(temperature == 0, greedy_B, sampled_B).astype(jnp.int32)
+    return jax.random.categorical(rng, scaled_BV, axis=-1).astype(jnp.int32)
 
 
 class Options(NamedTuple):
@@ -107,15 +120,41 @@ def _last(logits_BTV, lengths_B):
     return jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
 
 
+def cache_lengths(bucket: int, max_new_tokens: int, block_size: int) -> tuple[int, ...]:
+    """Returns the lengths the decode cache takes in turn, while a sample of max_new_tokens
+    after a prompt of `bucket` (padded) tokens runs: attention reads the whole cache at every
+    step, so the cache starts short and grows as the rows lengthen.
+
+    It starts at the prompt bucket, at least MIN_CACHE (or a quarter block, if less), and grows
+    CACHE_GROWTH-fold until it holds the prompt and the new tokens, or reaches block_size (where
+    the window slides). Each length is one more compiled copy of the decode step; growing 4-fold
+    keeps them few.
+    """
+    need = min(block_size, bucket + max_new_tokens)
+    length = min(block_size, max(bucket, min(MIN_CACHE, block_size // CACHE_GROWTH)))
+    lengths = [length]
+    while length < need:
+        length = min(block_size, length * CACHE_GROWTH)
+        lengths.append(length)
+    return tuple(lengths)
+
+
+def cache_length(cache: PyTree) -> int:
+    """Returns the positions a decode cache holds (its keys' third axis)."""
+    return next(x.shape[2] for x in jax.tree.leaves(cache) if x.ndim == 4)
+
+
 @functools.cache
 def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
     """Returns the pure functions shared by the compiled loop and streaming:
 
-    prefill(params, prompt_BP, lengths_B, opts) -> DecodeState holding the first new token;
+    prefill(params, prompt_BP, lengths_B, opts, length) -> DecodeState holding the first new
+      token, its cache `length` positions long;
     decode(params, state, opts) -> DecodeState: feeds the newest token, samples the next one
       (every row must have room in its cache);
-    slide(params, state) -> DecodeState: rows whose cache is full keep their last keep - 1
-      tokens, prefilled again from position 0, so that decode then sees keep tokens.
+    grow(state, length) -> DecodeState: the same, its cache `length` positions long;
+    slide(params, state) -> DecodeState: rows whose cache is full (block_size) keep their last
+      keep - 1 tokens, prefilled again from position 0, so that decode then sees keep tokens.
     The slide is a separate function, not a lax.cond inside decode: a cond would copy the whole
     cache on every step instead of updating it in place.
     """
@@ -127,9 +166,9 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
                                           mutable=["cache"])
         return logits_B1V[:, 0], mutated["cache"]
 
-    def prefill(params, prompt_BP, lengths_B, opts):
+    def prefill(params, prompt_BP, lengths_B, opts, length):
         B, P = prompt_BP.shape
-        logits_BV, cache = extend(params, init_cache(config, B), prompt_BP, lengths_B)
+        logits_BV, cache = extend(params, init_cache(config, B, length), prompt_BP, lengths_B)
         context_BS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_BP)
         token_B, done_B = _choose(logits_BV, 0, opts, jnp.zeros(B, bool), top_k, nucleus)
         return DecodeState(cache, context_BS, token_B, jnp.int32(1), done_B)
@@ -141,6 +180,13 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
         context_BS = state.context_BS.at[jnp.arange(B), index_B].set(state.token_B)
         token_B, done_B = _choose(logits_BV, state.step, opts, state.done_B, top_k, nucleus)
         return DecodeState(cache, context_BS, token_B, state.step + 1, done_B)
+
+    def grow(state, length):
+        def pad(x):  # keys and values (B, N, S, K) get empty positions; the index stays
+            return x if x.ndim != 4 else jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]),
+                                                     (0, 0)))
+
+        return state._replace(cache=jax.tree.map(pad, state.cache))
 
     def slide(params, state):
         B = state.token_B.shape[0]
@@ -156,23 +202,26 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
         cache, context_BS = jax.tree.map(pick, (cache, context_BS), (state.cache, state.context_BS))
         return state._replace(cache=cache, context_BS=context_BS)
 
-    return prefill, decode, slide
+    return prefill, decode, grow, slide
 
 
 @functools.cache
 def compiled_fns(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
-    """Returns the jitted (generate, prefill, decode, slide) of one program family.
+    """Returns the jitted (generate, prefill, decode, grow, slide) of one program family.
 
     generate(params, prompt_BP, lengths_B, opts, max_new_tokens) -> (B, max_new_tokens) ids is
-    the whole sample in one device call: prefill, then an outer lax.while_loop whose body slides
-    the full rows and runs an inner lax.while_loop of decode steps until a row is full again. It
-    stops early once every row has produced the stop token. Streaming calls the other three.
+    the whole sample in one device call: prefill, then for each of cache_lengths but the last a
+    lax.while_loop of decode steps until a row fills the cache, which then grows. At the last
+    length, block_size, an outer lax.while_loop slides the full rows and runs an inner one of
+    decode steps until a row is full again. It stops early once every row has produced the stop
+    token. Streaming calls the other four.
     """
-    prefill, decode, slide = _decoder(config, top_k, nucleus, keep)
+    prefill, decode, grow, slide = _decoder(config, top_k, nucleus, keep)
     S = config.block_size
 
     def generate(params, prompt_BP, lengths_B, opts, max_new_tokens):
-        state = prefill(params, prompt_BP, lengths_B, opts)
+        lengths = cache_lengths(prompt_BP.shape[1], max_new_tokens, S)
+        state = prefill(params, prompt_BP, lengths_B, opts, lengths[0])
         fill = jnp.maximum(opts.stop_token, 0)
         out_BN = jnp.full((prompt_BP.shape[0], max_new_tokens), fill, jnp.int32)
         out_BN = out_BN.at[:, 0].set(state.token_B)
@@ -182,7 +231,8 @@ def compiled_fns(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int)
             return (state.step < max_new_tokens) & ~state.done_B.all()
 
         def room(carry):
-            return running(carry) & (carry[0].cache["index"] < S).all()
+            cache = carry[0].cache
+            return running(carry) & (cache["index"] < cache_length(cache)).all()
 
         def one(carry):
             state, out_BN = carry
@@ -195,10 +245,20 @@ def compiled_fns(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int)
                                  lambda s: slide(params, s), lambda s: s, state)
             return jax.lax.while_loop(room, one, (state, out_BN))
 
-        return jax.lax.while_loop(running, segment, (state, out_BN))[1]
+        carry = (state, out_BN)
+        for length in lengths:
+            carry = (grow(carry[0], length), carry[1])
+            if length < S:
+                carry = jax.lax.while_loop(room, one, carry)
+        if lengths[-1] == S:  # the window slides
+            carry = jax.lax.while_loop(running, segment, carry)
+        return carry[1]
 
-    return (jax.jit(generate, static_argnames="max_new_tokens"), jax.jit(prefill),
-            jax.jit(decode, donate_argnames="state"), jax.jit(slide, donate_argnames="state"))
+    return (jax.jit(generate, static_argnames="max_new_tokens"),
+            jax.jit(prefill, static_argnames="length"),
+            jax.jit(decode, donate_argnames="state"),
+            jax.jit(grow, static_argnames="length"),
+            jax.jit(slide, donate_argnames="state"))
 
 
 @functools.cache
@@ -285,13 +345,15 @@ def stream(params, config: GPTConfig, prompts: Sequence[Sequence[int]], *,
     """Yields the (len(prompts),) next token of every row as it is produced.
 
     The tokens are those `generate` returns for the same arguments, one device call per step:
-    the prefill compiles once per (batch, bucket), decode and slide once per batch.
+    the prefill compiles once per (batch, bucket, first cache length), decode once per batch
+    and cache length (cache_lengths), grow and slide once per batch and length.
     """
     prompt_BP, lengths_B, opts, program = _setup(
         config, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token,
         window_keep)
-    _, prefill, decode, slide = compiled_fns(*program)
-    state = prefill(params, prompt_BP, lengths_B, opts)
+    _, prefill, decode, grow, slide = compiled_fns(*program)
+    lengths = list(cache_lengths(prompt_BP.shape[1], max_new_tokens, config.block_size))
+    state = prefill(params, prompt_BP, lengths_B, opts, length=lengths.pop(0))
     for step in range(1, max_new_tokens + 1):
         token_B, done_B, index_B = jax.device_get((state.token_B, state.done_B,
                                                    state.cache["index"]))
@@ -300,6 +362,8 @@ def stream(params, config: GPTConfig, prompts: Sequence[Sequence[int]], *,
             return
         if (index_B >= config.block_size).any():
             state = slide(params, state)
+        elif (index_B >= cache_length(state.cache)).any():
+            state = grow(state, length=lengths.pop(0))
         state = decode(params, state, opts)
 
 

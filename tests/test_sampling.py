@@ -78,6 +78,27 @@ def test_stream_yields_what_generate_returns(config):
     np.testing.assert_array_equal(by_recompute, tokens)
 
 
+def test_the_cache_grows_then_the_window_slides_as_full_recompute_does():
+    # block 64: the cache is 16 positions, then 64 (cache_lengths), then slides; rows of
+    # different lengths fill each length at different steps.
+    assert sampling.cache_lengths(16, 100, 64) == (16, 64)
+    assert sampling.cache_lengths(16, 8, 64) == (16, 64)  # 16 + 8 new does not fit in 16
+    assert sampling.cache_lengths(16, 200, 1024) == (256,)
+    assert sampling.cache_lengths(16, 300, 1024) == (256, 1024)
+    assert sampling.cache_lengths(512, 10, 1024) == (512, 1024)
+    assert sampling.cache_lengths(16, 10, 16) == (16,)
+    prompts, options = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3, 5, 8, 9]], {"max_new_tokens": 80}
+    greedy = sampling.generate(_params(LONG), LONG, prompts, temperature=0.0, **options)
+    for prompt, row in zip(prompts, greedy):
+        assert row.tolist() == _reference_greedy(LONG, prompt, 80, 32)
+    sampled = {"temperature": 0.8, "top_k": 10, "seed": 3, **options}
+    tokens = sampling.generate(_params(LONG), LONG, prompts, **sampled)
+    np.testing.assert_array_equal(
+        np.stack(list(sampling.stream(_params(LONG), LONG, prompts, **sampled)), axis=1), tokens)
+    by_recompute = sampling.generate(_params(LONG), LONG, prompts, use_cache=False, **sampled)
+    np.testing.assert_array_equal(by_recompute, tokens)
+
+
 def test_no_recompilation_within_a_prompt_bucket():
     params, options = _params(LONG), {"max_new_tokens": 8, "top_k": 5, "top_p": 0.9}
     sampling.generate(params, LONG, [[1, 2, 3]], **options)
