@@ -163,9 +163,14 @@ def read_tensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Returns the tensors of one .safetensors file as float32 numpy arrays. Read through
-    safetensors' Flax loader: numpy has no bfloat16, the dtype of most Llama checkpoints, which
-    safetensors.numpy therefore cannot read."""
+    """Returns the tensors of one .safetensors file as float32 numpy arrays. A file holding
+    bfloat16 (most Llama checkpoints) is read through safetensors' Flax loader, since numpy has
+    no bfloat16; any other through its numpy loader, which is twice as fast."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        if all(f.get_slice(k).get_dtype() != "BF16" for k in f.keys()):  # noqa: SIM118
+            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
     from safetensors.flax import load_file
 
     return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}

@@ -446,8 +446,11 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
 
 
 def abstract_params(config: GPTConfig):
-    """Returns the parameter tree as ShapeDtypeStructs, without allocating anything."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    """Returns the parameter tree as ShapeDtypeStructs, without allocating anything. The model
+    is traced on one token: parameter shapes do not depend on the length, and a whole block
+    takes seconds to trace (sample.py reads a checkpoint through this)."""
+    dummy_11 = jnp.zeros((1, 1), dtype=jnp.int32)
+    return jax.eval_shape(lambda: GPT(config).init(jax.random.PRNGKey(0), dummy_11)["params"])
 
 
 def count_params(config: GPTConfig) -> dict:
