@@ -8,16 +8,15 @@ which gpt-jax uses; the parity test needs it). `load_params` copies gpt-jax para
 nanoGPT's `from_pretrained` loads GPT-2: the test checks that both compute the same loss,
 gradients and first AdamW update, so the benchmark times the same work on both sides.
 
-Needs torch (the `parity` extra); nothing in gpt_jax/ imports this module.
+Needs torch (the `parity` extra); nothing in gpt_jax/ imports this module. JAX is imported
+only by `build` and `load_params`, so benchmarks/memory.py's nanoGPT process has none of it.
 """
 
 import math
 
 import numpy as np
 
-from gpt_jax import hf
 from gpt_jax.errors import UserError
-from gpt_jax.model import GPTConfig
 
 
 def require_torch():
@@ -30,13 +29,22 @@ def require_torch():
     return torch
 
 
-def build(config: GPTConfig, gelu: str = "none", seed: int = 0):
-    """Returns nanoGPT's GPT (a torch.nn.Module, train mode) at `config`'s shapes."""
+def build(config, gelu: str = "none", seed: int = 0):
+    """Returns nanoGPT's GPT (a torch.nn.Module, train mode) at a GPTConfig's shapes; raises
+    UserError for a model nanoGPT has no equivalent of."""
+    from gpt_jax import hf
+
     blockers = hf.export_blockers(config) + (
         [] if config.qkv_bias or not config.bias else ["qkv_bias=False (nanoGPT has one "
                                                        "bias switch)"])
     if blockers:
         raise UserError(f"nanoGPT has no equivalent of this model: {'; '.join(blockers)}")
+    return nanogpt_model(config, gelu, seed)
+
+
+def nanogpt_model(config, gelu: str = "none", seed: int = 0):
+    """Returns nanoGPT's GPT (train mode) at the shapes of `config`, anything with GPTConfig's
+    vocab_size, block_size, n_layer, n_head, n_embd, dropout and bias; nothing is checked."""
     torch = require_torch()
     nn, F = torch.nn, torch.nn.functional
 
@@ -123,8 +131,11 @@ def build(config: GPTConfig, gelu: str = "none", seed: int = 0):
     return GPT().train()
 
 
-def load_params(model, params: dict, config: GPTConfig) -> None:
-    """Copies gpt-jax `params` into `model` (nanoGPT's from_pretrained, from our tree)."""
+def load_params(model, params: dict, config) -> None:
+    """Copies gpt-jax `params` into `model` (nanoGPT's from_pretrained, from our tree; config
+    is their GPTConfig)."""
+    from gpt_jax import hf
+
     torch = require_torch()
     state = model.state_dict()
     transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",

@@ -140,6 +140,7 @@ class Loop:
                           val_bpb=losses["val_bpb"])
             if self.config.eval_tasks:
                 record.update(self._task_metrics(self.lanes.part(state.params, k)))
+            host_memory.release_freed_memory()  # the evaluation's buffers
         self.last_eval = {key: record[key] for key in EVAL_KEYS}
 
     def _task_metrics(self, params: PyTree) -> dict[str, float]:

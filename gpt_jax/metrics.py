@@ -134,9 +134,7 @@ class MetricsWriter:
         out.mkdir(parents=True, exist_ok=True)
         self._metrics = _JsonLines(out / "metrics.jsonl", resume_step)
         self._timing = _JsonLines(out / "timing.jsonl", resume_step)
-        from tensorboardX import SummaryWriter
-
-        self._tensorboard = SummaryWriter(str(out / "tensorboard"), flush_secs=10)
+        self._tensorboard = _summary_writer_class()(str(out / "tensorboard"), flush_secs=10)
         self._wandb = _start_wandb(wandb_project, out, run_config) if wandb_project else None
 
     def write(self, record: dict) -> None:
@@ -159,6 +157,26 @@ class MetricsWriter:
             self._tensorboard.close()
             if self._wandb is not None:
                 self._wandb.finish()
+
+
+def _summary_writer_class():
+    """Returns tensorboardX's SummaryWriter, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed (for tensors; we log floats only),
+    which adds 180 MiB to the process's resident memory (benchmarks/memory.py). A None in
+    sys.modules makes that one import fail as if torch were not installed; a process that has
+    already imported either package keeps it as it is.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _start_wandb(project: str, out: Path, run_config: dict | None):

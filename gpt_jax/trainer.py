@@ -15,7 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt_jax import checkpoint, data, entry, hf, metrics, optim, seeds, sharding
+from gpt_jax import checkpoint, data, entry, hf, host_memory, metrics, optim, seeds, sharding
 from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 from gpt_jax.loop import Loop, StepPacer, StopRequests
@@ -256,6 +256,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         grad_clip=config.grad_clip), (shardings, NamedSharding(mesh, P())))
     compiled = _compile(step_fn, state, lanes.batch(dataset, start, mesh), lanes)
     flops_per_token, peak = _report_flops(model_cfg, compiled, config, len(lanes), mesh)
+    host_memory.release_freed_memory()  # what compiling freed
     loop = Loop(config, lanes, dataset, mesh, start=start, schedule=optim.lr_schedule(config),
                 estimate_loss=functools.partial(estimate_loss, make_eval_step(model, mesh)),
                 tokenizer_table=dataset.tokenizer.to_json(), flops_per_token=flops_per_token,

@@ -26,24 +26,35 @@ def faults_of_a_48_mib_buffer():  # as XLA:CPU does with a step's temp buffer: m
 
 faults_of_a_48_mib_buffer()
 print(faults_of_a_48_mib_buffer())  # the second time: like XLA's per-step temp buffer
+host_memory.release_freed_memory()  # its pages go back to the kernel, once
+print(faults_of_a_48_mib_buffer())
+print(faults_of_a_48_mib_buffer())  # and the heap is kept again
 """
 
 
-def _probe(**env) -> tuple[str, int]:
+def _probe(**env) -> tuple[str, int, int, int]:
     out = subprocess.run([sys.executable, "-c", _PROBE], env={**os.environ, **env},
                          capture_output=True, text=True, check=True).stdout.split()
-    return out[0], int(out[1])
+    return out[0], int(out[1]), int(out[2]), int(out[3])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_freed_buffer_is_reused_without_page_faults():
-    took_effect, faults = _probe(GPT_JAX_GLIBC_DEFAULTS="0")
+    took_effect, faults, _, _ = _probe(GPT_JAX_GLIBC_DEFAULTS="0")
     assert took_effect == "True"
     assert faults < 100  # 12,288 pages of 4 KiB with glibc's defaults
 
-    took_effect, faults = _probe(GPT_JAX_GLIBC_DEFAULTS="1")
+    took_effect, faults, _, _ = _probe(GPT_JAX_GLIBC_DEFAULTS="1")
     assert took_effect == "False"
     assert faults > 12_000  # glibc unmapped the buffer on free and maps fresh pages again
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_hands_the_kept_pages_back_once():
+    _, kept, after_release, kept_again = _probe(GPT_JAX_GLIBC_DEFAULTS="0")
+    assert kept < 100
+    assert after_release > 12_000  # the pages were returned to the kernel: faulted in anew
+    assert kept_again < 100
 
 
 

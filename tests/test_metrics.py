@@ -1,5 +1,7 @@
 """FLOPs per token and the peak that MFU divides by."""
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -45,3 +47,21 @@ def test_unknown_accelerators_have_no_peak():
               "tokens_per_sec": 15360.0, "mfu": 15360.0 * 1e9 / peak}
     assert "MFU" not in metrics.format_record(record)  # rather than "MFU nan%"
     assert "MFU 50.0%" in metrics.format_record({**record, "mfu": 0.5})
+
+
+def test_the_metrics_writer_does_not_import_torch(tmp_path):
+    # tensorboardX imports torch when it is installed: 180 MiB resident in a run that only
+    # logs floats. Nor does the trainer import matplotlib (gpt_jax.report plots, lazily).
+    probe = f"""
+import importlib.util, sys
+from gpt_jax import metrics, trainer
+writer = metrics.MetricsWriter({str(tmp_path)!r})
+writer.write({{"step": 1, "train_loss": 2.5}})
+writer.close()
+heavy = [m for m in ("torch", "matplotlib") if m in sys.modules]
+assert not heavy, heavy
+if importlib.util.find_spec("torch") is not None:
+    import torch  # still importable afterwards
+"""
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    assert list((tmp_path / "tensorboard").iterdir())
