@@ -245,9 +245,13 @@ def test_vs_transformers_checks_the_tokens_and_ends_each_batch_with_the_ratio():
     require_parity_libs()
     result = run_cli("benchmarks/vs_transformers.py", "--n_layer", "1", "--n_head", "2",
                      "--n_embd", "32", "--new_tokens", "6", "--rounds", "2",
-                     "--batch_sizes", "1,2")
+                     "--batch_sizes", "1,2", "--latency")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
+    pairs = [line for line in lines if line.startswith("  sample.py pair")]
+    assert len(pairs) == 2 and all("(the same command again)" in line for line in pairs)
+    assert any(re.fullmatch(r"first_run_first_token_s=[\d.]+ second_run_first_token_s=[\d.]+",
+                            line) for line in lines), lines
     assert [line.split(";")[0] for line in lines if "tokens identical" in line] == [
         "batch 1: tokens identical", "batch 2: tokens identical"]
     closing = [line for line in lines if line.startswith("batch=")]
