@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from gpt_jax import loop as loop_module
+
 _PACED_LOOP = """
 from gpt_jax import host_memory, loop
 
@@ -41,7 +43,7 @@ def test_the_pacer_lets_xla_free_a_large_temp_buffer_before_the_next_step():
                          env={**os.environ, "GPT_JAX_GLIBC_DEFAULTS": "0"},
                          capture_output=True, text=True, check=True).stdout.split()
     temp, held = int(out[0]), [int(n) for n in out[1:]]
-    assert temp >= 256 << 20  # large: the pacer waits for its release
+    assert temp >= loop_module.LARGE_TEMP_BYTES  # large: the pacer waits for its release
     # Waiting for the outputs alone, the step often still held its temp buffer (XLA frees it
     # 1-6 ms later) and the next step took a fresh one from a growing heap.
     assert len(held) == 12 and max(held) < temp // 4
