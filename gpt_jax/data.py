@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gpt_jax import sharding
+from gpt_jax import sharding, shards
 from gpt_jax.errors import UserError
 from gpt_jax.prepare import TOKEN_DTYPE, prepare_cached
 
@@ -162,7 +162,8 @@ def tokenizer_from_json(table: dict):
 
 @dataclasses.dataclass
 class Dataset:
-    """Train and val token arrays (memory-mapped uint16) with the tokenizer that made them."""
+    """Train and val token arrays (memory-mapped uint16, or shards.ShardedTokens over several
+    files) with the tokenizer that made them."""
 
     train: np.ndarray
     val: np.ndarray
@@ -314,12 +315,23 @@ def prepare_char_corpus(text_path: Path, root: Path, val_fraction: float = 0.1) 
 
 
 def read_prepared(directory: Path) -> Dataset:
-    """Returns the dataset of a prepared directory: ours (meta.json) or nanoGPT's (meta.pkl)."""
+    """Returns the dataset of a prepared directory: ours (meta.json) or nanoGPT's (meta.pkl),
+    train.bin and val.bin, or a directory of llm.c token shards (gpt_jax/shards.py; GPT-2's
+    BPE unless a meta.json says otherwise)."""
     missing = [n for n in ("train.bin", "val.bin") if not (directory / n).is_file()]
+    if missing and shards.has_shards(directory):
+        tokenizer = TiktokenTokenizer("gpt2")
+        if (directory / "meta.json").is_file():
+            tokenizer = tokenizer_from_json(json.loads((directory / "meta.json").read_text())[
+                "tokenizer"])
+        train, val = (shards.ShardedTokens(shards.split_files(directory, split))
+                      for split in ("train", "val"))
+        return Dataset(train=train, val=val, tokenizer=tokenizer, directory=directory)
     if missing:
-        raise UserError(f"{directory} is not a prepared corpus (no {', '.join(missing)}): point "
-                        "--config.data.path at a text file or at a directory with "
-                        "train.bin/val.bin")
+        raise UserError(f"{directory} is not a prepared corpus (no {', '.join(missing)}, and no "
+                        "llm.c shards of both splits): point --config.data.path at a text file, "
+                        "a directory with train.bin/val.bin, or one of *_train_*.bin and "
+                        "*_val_*.bin shards")
     if (directory / "meta.json").is_file():
         meta = json.loads((directory / "meta.json").read_text())
         tokenizer = tokenizer_from_json(meta["tokenizer"])

@@ -1,0 +1,104 @@
+"""Token shards in llm.c's format, the one modded-nanogpt's FineWeb shards also use.
+
+A shard is a header of 256 little-endian int32 (magic 20240520, version 1, the token count,
+the rest zero) followed by that many uint16 tokens. A corpus is a directory of them, each split
+named by a `train` or `val` word in the file name (`fineweb_train_000001.bin`,
+`fineweb_val_000000.bin`, `tiny_shakespeare_val.bin`), in name order.
+
+`ShardedTokens` shows a split's shards as one token array without reading any of them whole:
+every shard is memory-mapped, and a batch's crops (which may span two shards) gather only
+their own tokens, so a batch is the same function of (seed, step) as on one file.
+"""
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gpt_jax.errors import UserError
+
+MAGIC = 20240520
+VERSION = 1  # uint16 tokens (llm.c's version 2 holds uint32 Llama 3 tokens)
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.uint16
+_SPLIT_WORD = {split: re.compile(rf"(^|[_\-.]){split}([_\-.]|$)") for split in ("train", "val")}
+
+
+def read_header(path: Path) -> int:
+    """Returns the token count of the shard at `path`; raises UserError naming what is wrong."""
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    if len(header) < HEADER_INTS or header[0] != MAGIC:
+        raise UserError(f"{path} is not an llm.c token shard (its header does not start with "
+                        f"the magic number {MAGIC}): give a directory of shards, or prepare "
+                        "the text with python -m gpt_jax.prepare")
+    if header[1] != VERSION:
+        raise UserError(f"{path} is an llm.c shard of version {header[1]}; only version "
+                        f"{VERSION} (GPT-2 tokens as uint16) is read")
+    n_tokens = int(header[2])
+    size = os.path.getsize(path)
+    if size != HEADER_BYTES + 2 * n_tokens:
+        raise UserError(f"{path} is {size:,} bytes but its header announces {n_tokens:,} tokens "
+                        f"({HEADER_BYTES + 2 * n_tokens:,} bytes): the shard is truncated or "
+                        "damaged; download or write it again")
+    return n_tokens
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Writes `tokens` (ids below 65536) as one shard at `path`, atomically."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, len(tokens))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def split_files(directory: Path, split: str) -> list[Path]:
+    """Returns the shards of `split` ("train" or "val") in `directory`, in name order."""
+    return sorted(p for p in directory.glob("*.bin")
+                  if p.is_file() and _SPLIT_WORD[split].search(p.stem)
+                  and p.name not in ("train.bin", "val.bin"))
+
+
+def has_shards(directory: Path) -> bool:
+    """Returns whether `directory` holds shards of both splits."""
+    return all(split_files(directory, split) for split in ("train", "val"))
+
+
+class ShardedTokens:
+    """The tokens of several shards as one read-only array: len(), and indexing by an int, a
+    slice or an integer array (each element read from the shard that holds it)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        if not paths:
+            raise UserError("no token shards were given")
+        self.paths = list(paths)
+        counts = [read_header(p) for p in self.paths]
+        self._shards = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES,
+                                  shape=(n,)) if n else np.zeros(0, TOKEN_DTYPE)
+                        for p, n in zip(self.paths, counts)]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self[np.arange(len(self))[index]]
+        at = np.asarray(index)
+        if not np.issubdtype(at.dtype, np.integer):
+            raise TypeError(f"shards are indexed by integers, not {at.dtype}")
+        at = np.where(at < 0, at + len(self), at)
+        if at.size and (at.min() < 0 or at.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} tokens")
+        out = np.empty(at.shape, TOKEN_DTYPE)
+        shard_of = np.searchsorted(self._starts, at, side="right") - 1
+        for s in np.unique(shard_of):
+            mask = shard_of == s
+            out[mask] = self._shards[s][at[mask] - self._starts[s]]
+        return out if out.ndim else out[()]

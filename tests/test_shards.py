@@ -1,0 +1,89 @@
+"""llm.c token shards: read as one array (batches equal the concatenated reading), bad shards."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gpt_jax import data, shards, trainer
+from gpt_jax.errors import UserError
+
+TRAIN_LENGTHS = (1000, 777, 1, 1500)  # 777 and 1 are no multiple of any block size
+
+
+def _write_corpus(directory, seed=0):
+    """Writes train shards of TRAIN_LENGTHS and two val shards; returns the concatenations."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    train = [rng.integers(0, 50257, n).astype(np.uint16) for n in TRAIN_LENGTHS]
+    val = [rng.integers(0, 50257, n).astype(np.uint16) for n in (300, 450)]
+    for i, tokens in enumerate(val):
+        shards.write_shard(directory / f"fineweb_val_{i:06d}.bin", tokens)
+    for i, tokens in enumerate(train):
+        shards.write_shard(directory / f"fineweb_train_{i + 1:06d}.bin", tokens)
+    return np.concatenate(train), np.concatenate(val)
+
+
+def test_a_shard_has_llm_c_header_and_uint16_tokens(tmp_path):
+    tokens = np.array([50256, 0, 65535, 7], np.uint16)
+    shards.write_shard(tmp_path / "x_train_000000.bin", tokens)
+    raw = (tmp_path / "x_train_000000.bin").read_bytes()
+    header = np.frombuffer(raw[:1024], "<i4")
+    assert header[:3].tolist() == [20240520, 1, 4] and not header[3:].any()
+    assert np.frombuffer(raw[1024:], "<u2").tolist() == tokens.tolist()
+    assert shards.read_header(tmp_path / "x_train_000000.bin") == 4
+
+
+def test_batches_from_shards_equal_the_concatenated_tokens(tmp_path):
+    train, val = _write_corpus(tmp_path / "fineweb")
+    ds = data.read_prepared(tmp_path / "fineweb")
+    assert len(ds.train) == len(train) and len(ds.val) == len(val)
+    assert ds.tokenizer.vocab_size == 50257  # llm.c shards are GPT-2 tokens
+    assert all(isinstance(s, np.memmap) for s in ds.train._shards if len(s))  # none read whole
+    spans = 0
+    for step in range(30):
+        kwargs = {"batch_size": 8, "block_size": 64, "seed": 5, "step": step}
+        for got, want in zip(data.get_batch(ds.train, **kwargs), data.get_batch(train, **kwargs)):
+            np.testing.assert_array_equal(got, want)
+        starts = np.random.default_rng((5, 0, step)).integers(0, len(train) - 64, size=8)
+        spans += int(np.sum((starts < 1000) & (starts + 64 >= 1000)))
+    assert spans > 0  # some crops read across a shard boundary
+    np.testing.assert_array_equal(ds.val[np.arange(len(val))], val)
+    np.testing.assert_array_equal(ds.train[995:1010], train[995:1010])
+    assert int(ds.train[-1]) == int(train[-1])
+
+
+def test_bad_shards_are_one_line_errors_naming_the_file(tmp_path):
+    _write_corpus(tmp_path / "c")
+    bad = tmp_path / "c" / "fineweb_train_000002.bin"
+    raw = bytearray(bad.read_bytes())
+    raw[:4] = np.array([12345], "<i4").tobytes()
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"fineweb_train_000002\.bin is not an llm\.c token shard"):
+        data.read_prepared(tmp_path / "c")
+    raw[:4] = np.array([20240520], "<i4").tobytes()
+    bad.write_bytes(bytes(raw[:-2]))
+    with pytest.raises(UserError, match=r"fineweb_train_000002\.bin is .* bytes but its header "):
+        data.read_prepared(tmp_path / "c")
+    raw[4:8] = np.array([2], "<i4").tobytes()
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="of version 2; only version 1"):
+        data.read_prepared(tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    shards.write_shard(tmp_path / "d" / "x_train_0.bin", np.zeros(10, np.uint16))
+    with pytest.raises(UserError, match="no train.bin, val.bin, and no llm.c shards of both"):
+        data.read_prepared(tmp_path / "d")
+
+
+def test_training_reads_a_shard_directory(tmp_path, tiny_config):
+    directory = tmp_path / "fineweb"
+    _write_corpus(directory)
+    vocab = {"kind": "char", "chars": "".join(chr(48 + i) for i in range(64))}
+    (directory / "meta.json").write_text(json.dumps({"tokenizer": vocab}))  # a small vocabulary
+    for path in directory.glob("*.bin"):  # ids below 64, for the tiny char model
+        tokens = np.asarray(shards.ShardedTokens([path])[np.arange(shards.read_header(path))])
+        shards.write_shard(path, tokens % 64)
+    tiny_config.data.path = str(directory)
+    tiny_config.max_steps = 4
+    last = trainer.run(tiny_config)
+    assert last["step"] == 4 and np.isfinite(last["val_loss"])
