@@ -9,6 +9,10 @@ INPUT is one of
 Each document is encoded with tiktoken's encode_ordinary (a literal "<|endoftext|>" in the
 text is plain text) and followed by the end-of-text token (50256). DIR receives train.bin and
 val.bin (uint16 ids, nanoGPT's format) and meta.json; --config.data.path=DIR trains on them.
+With --shard_tokens N, DIR receives llm.c's token shards instead (gpt_jax/shards.py), N
+tokens each but the last of a split: DIR_val_000000.bin (more if val is longer), then
+DIR_train_000001.bin, ... (DIR standing for its name), as llm.c's and modded-nanogpt's
+FineWeb shards are.
 
 The split is streaming and deterministic. The split point is byte (1 - val_fraction) x the
 input's size (for a directory, the sum of its files' sizes). Units that start before it go
@@ -46,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 
 from gpt_jax import entry
+from gpt_jax import shards as shards_lib
 from gpt_jax.errors import UserError
 
 TOKEN_DTYPE = np.uint16  # the on-disk format of train.bin / val.bin (nanoGPT's)
@@ -69,7 +74,8 @@ class _Piece(NamedTuple):
 def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
                        workers: int | None = None, text_field: str = "text",
                        encoding: str = "gpt2", chunk_bytes: int = 1 << 20,
-                       show_progress: bool = True, overwrite: bool = False) -> dict:
+                       show_progress: bool = True, overwrite: bool = False,
+                       shard_tokens: int | None = None) -> dict:
     """Returns the meta.json written to out, beside train.bin and val.bin of source's tokens.
 
     Args:
@@ -79,6 +85,7 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
       chunk_bytes: the input read and encoded at a time (a chunk may grow to reach a cut).
       show_progress: a progress bar on stderr and a summary line on stdout.
       overwrite: replace out if it already holds a prepared corpus.
+      shard_tokens: write llm.c shards of this many tokens instead of train.bin and val.bin.
     """
     began = time.perf_counter()
     source, out = Path(source), Path(out)
@@ -89,6 +96,9 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
         raise UserError(f"workers must be at least 1, got {workers}")
     if chunk_bytes < 1:
         raise UserError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
+    if shard_tokens is not None and shard_tokens < 1:
+        raise UserError(f"shard_tokens must be at least 1, got {shard_tokens}: llm.c writes "
+                        "shards of 100,000,000 tokens")
     files = _input_files(source)
     total = sum(size for _, size in files)
     if total == 0:
@@ -122,7 +132,8 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
     tmp.mkdir()
     try:
         counts = _encode_into(tmp, tasks, workers=workers, encoding=encoding, total=total,
-                              desc=f"tokenizing {source.name}", show_progress=show_progress)
+                              desc=f"tokenizing {source.name}", show_progress=show_progress,
+                              shards=(out.name, shard_tokens) if shard_tokens else None)
         if counts["val"] == 0:
             where = ("no record starts" if source.suffix.lower() == ".jsonl" else
                      "there is no cut point (whitespace after a non-space)")
@@ -140,6 +151,7 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
             "source": str(source),
             "input_bytes": total,
             "val_fraction": val_fraction,
+            **({"shard_tokens": shard_tokens} if shard_tokens else {}),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
         _install(tmp, out)
@@ -409,13 +421,22 @@ def _encode_task(task: tuple) -> tuple[str, int, int, np.ndarray]:
 
 
 def _encode_into(directory: Path, tasks: Iterator[tuple], *, workers: int, encoding: str,
-                 total: int, desc: str, show_progress: bool) -> dict[str, int]:
-    """Returns token and document counts after appending the tasks' ids to train/val.bin."""
+                 total: int, desc: str, show_progress: bool,
+                 shards: tuple[str, int] | None = None) -> dict[str, int]:
+    """Returns token and document counts after appending the tasks' ids to train/val.bin, or
+    with shards=(prefix, tokens per shard) to llm.c shards."""
     from tqdm import tqdm
 
     counts = dict.fromkeys((*SPLITS, "documents"), 0)
     with contextlib.ExitStack() as stack:
-        outputs = {s: stack.enter_context(open(directory / f"{s}.bin", "wb")) for s in SPLITS}
+        if shards is None:
+            outputs = {s: stack.enter_context(open(directory / f"{s}.bin", "wb"))
+                       for s in SPLITS}
+        else:  # llm.c's numbering: val from 0, train from 1
+            outputs = {s: shards_lib.SplitWriter(directory, shards[0], s, shards[1],
+                                                 first_index=int(s == "train")) for s in SPLITS}
+            for writer in outputs.values():
+                stack.callback(writer.close)
         bar = stack.enter_context(tqdm(total=total, desc=desc, unit="B", unit_scale=True,
                                        unit_divisor=1024, file=sys.stderr,
                                        disable=not show_progress))
@@ -429,7 +450,7 @@ def _encode_into(directory: Path, tasks: Iterator[tuple], *, workers: int, encod
             # imap reads ahead only as far as the pipe to the workers holds, and keeps order.
             results = pool.imap(_encode_task, tasks)
         for split, nbytes, documents, ids in results:
-            outputs[split].write(ids.tobytes())
+            outputs[split].write(ids if shards else ids.tobytes())
             counts[split] += len(ids)
             counts["documents"] += documents
             bar.update(nbytes)
@@ -450,10 +471,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--text_field", default="text", help="the JSONL field holding the text")
     p.add_argument("--encoding", default="gpt2", help="tiktoken encoding")
     p.add_argument("--overwrite", action="store_true", help="replace a prepared --out")
+    p.add_argument("--shard_tokens", type=int, default=None,
+                   help="write llm.c token shards of this many tokens (llm.c: 100000000) "
+                        "instead of train.bin and val.bin")
     args = p.parse_args(argv)
     entry.main(lambda: prepare_bpe_corpus(
         args.input, args.out, val_fraction=args.val_fraction, workers=args.workers,
-        text_field=args.text_field, encoding=args.encoding, overwrite=args.overwrite),
+        text_field=args.text_field, encoding=args.encoding, overwrite=args.overwrite,
+        shard_tokens=args.shard_tokens),
         interrupted=f"interrupted; {args.out} was left as it was")
 
 

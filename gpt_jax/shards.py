@@ -47,15 +47,53 @@ def read_header(path: Path) -> int:
     return n_tokens
 
 
+def _header(n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, n_tokens)
+    return header.tobytes()
+
+
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     """Writes `tokens` (ids below 65536) as one shard at `path`, atomically."""
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, len(tokens))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(header.tobytes())
+        f.write(_header(len(tokens)))
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
     os.replace(tmp, path)
+
+
+class SplitWriter:
+    """Appends a split's tokens to shards of `shard_tokens` tokens (the last one shorter):
+    {prefix}_{split}_{index:06d}.bin in `directory`, the index counting from `first_index`.
+    Nothing is held but the open shard's file; its header is written when it is full."""
+
+    def __init__(self, directory: Path, prefix: str, split: str, shard_tokens: int,
+                 first_index: int = 0):
+        self._directory, self._prefix, self._split = directory, prefix, split
+        self._shard_tokens, self._index = shard_tokens, first_index
+        self._file, self._in_file = None, 0
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype="<u2")
+        while len(ids):
+            if self._file is None:
+                name = f"{self._prefix}_{self._split}_{self._index:06d}.bin"
+                self._file = open(self._directory / name, "wb")  # noqa: SIM115 (closed below)
+                self._file.write(_header(0))
+            take = ids[: self._shard_tokens - self._in_file]
+            self._file.write(take.tobytes())
+            self._in_file += len(take)
+            ids = ids[len(take):]
+            if self._in_file == self._shard_tokens:
+                self.close()
+
+    def close(self) -> None:
+        """Finishes the open shard: its header gets the token count."""
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.write(_header(self._in_file))
+            self._file.close()
+            self._file, self._in_file, self._index = None, 0, self._index + 1
 
 
 def split_files(directory: Path, split: str) -> list[Path]:

@@ -87,3 +87,28 @@ def test_training_reads_a_shard_directory(tmp_path, tiny_config):
     tiny_config.max_steps = 4
     last = trainer.run(tiny_config)
     assert last["step"] == 4 and np.isfinite(last["val_loss"])
+
+
+def test_prepare_writes_llm_c_shards_holding_the_same_tokens(tmp_path):
+    from conftest import SHARED
+
+    from gpt_jax import prepare
+
+    source = SHARED / "data" / "tinyshakespeare.txt"
+    plain = prepare.prepare_bpe_corpus(source, tmp_path / "plain", show_progress=False)
+    meta = prepare.prepare_bpe_corpus(source, tmp_path / "shk", show_progress=False,
+                                      shard_tokens=100_000)
+    assert meta["shard_tokens"] == 100_000 and meta["train_tokens"] == plain["train_tokens"]
+    names = sorted(p.name for p in (tmp_path / "shk").glob("*.bin"))
+    n_train = -(-plain["train_tokens"] // 100_000)
+    assert names == ["shk_train_%06d.bin" % i for i in range(1, n_train + 1)] + [
+        "shk_val_000000.bin"]  # llm.c's numbering: val first, train from 1
+    counts = [shards.read_header(tmp_path / "shk" / n) for n in names[:-1]]
+    assert counts[:-1] == [100_000] * (n_train - 1) and sum(counts) == plain["train_tokens"]
+    ds, reference = data.read_prepared(tmp_path / "shk"), data.read_prepared(tmp_path / "plain")
+    for split in ("train", "val"):
+        tokens = getattr(ds, split)
+        np.testing.assert_array_equal(tokens[np.arange(len(tokens))], getattr(reference, split))
+    assert ds.tokenizer == reference.tokenizer
+    with pytest.raises(UserError, match="shard_tokens must be at least 1"):
+        prepare.prepare_bpe_corpus(source, tmp_path / "bad", shard_tokens=0)
