@@ -5,7 +5,10 @@ INPUT is one of
   * a directory: every non-empty regular file under it, recursively (names starting with "."
     skipped, whatever the suffix), in sorted order of relative path; each file one document;
   * a JSON Lines file (*.jsonl): one document per record, its text under --text_field
-    (blank lines skipped).
+    (blank lines skipped);
+  * a parquet file (*.parquet), or a directory holding only parquet files (FineWeb's): one
+    document per row, its text in the --text_field column, read a batch of rows at a time
+    (needs pyarrow: the `data` extra).
 Each document is encoded with tiktoken's encode_ordinary (a literal "<|endoftext|>" in the
 text is plain text) and followed by the end-of-text token (50256). DIR receives train.bin and
 val.bin (uint16 ids, nanoGPT's format) and meta.json; --config.data.path=DIR trains on them.
@@ -16,9 +19,10 @@ FineWeb shards are.
 
 The split is streaming and deterministic. The split point is byte (1 - val_fraction) x the
 input's size (for a directory, the sum of its files' sizes). Units that start before it go
-to train, the rest to val. A unit is a document for a directory or a JSONL file; for a single
-text file it is a chunk, and a chunk boundary is forced at the first cut point (below) at or
-after the split point, so val is the file's tail, as in nanoGPT.
+to train, the rest to val (parquet: row (1 - val_fraction) x the rows, since compressed bytes
+say little about a row's text). A unit is a document for a directory, a JSONL or a parquet
+file; for a single text file it is a chunk, and a chunk boundary is forced at the first cut
+point (below) at or after the split point, so val is the file's tail, as in nanoGPT.
 
 The corpus is never held in memory: it is read in chunks of about chunk_bytes, encoded in
 parallel and appended to the output as the chunks come back in order. A file is cut only just
@@ -104,7 +108,9 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
     if total == 0:
         raise UserError(f"input {source} is empty: give it some UTF-8 text")
     split_byte = int(total * (1.0 - val_fraction))
-    if source.is_dir() and _document_split(sum(s for _, s in files[:-1]), split_byte) == "train":
+    parquet = all(path.suffix.lower() == ".parquet" for path, _ in files)
+    last_start = sum(s for _, s in files[:-1])
+    if source.is_dir() and not parquet and _document_split(last_start, split_byte) == "train":
         raise UserError(
             f"the val split is empty: the last of the {len(files)} files in {source} starts "
             f"before the split at byte {split_byte:,} of {total:,}: raise --val_fraction or "
@@ -118,7 +124,9 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
         small = total < max(SMALL_INPUT_CHUNKS * chunk_bytes, SMALL_INPUT_BYTES)
         workers = 1 if small else min(os.cpu_count() or 1, MAX_WORKERS)
 
-    if source.is_dir():
+    if parquet:
+        pieces = _parquet_pieces(files, text_field, val_fraction)
+    elif source.is_dir():
         pieces = _directory_pieces(files, chunk_bytes, split_byte)
     elif source.suffix.lower() == ".jsonl":
         pieces = _jsonl_pieces(source, text_field, split_byte)
@@ -135,7 +143,7 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
                               desc=f"tokenizing {source.name}", show_progress=show_progress,
                               shards=(out.name, shard_tokens) if shard_tokens else None)
         if counts["val"] == 0:
-            where = ("no record starts" if source.suffix.lower() == ".jsonl" else
+            where = ("no record starts" if parquet or source.suffix.lower() == ".jsonl" else
                      "there is no cut point (whitespace after a non-space)")
             raise UserError(f"the val split is empty: in {source} {where} at or after byte "
                             f"{split_byte:,} of {total:,}: raise --val_fraction or add text")
@@ -308,6 +316,39 @@ def _jsonl_pieces(path: Path, text_field: str, split_byte: int) -> Iterator[_Pie
                 raise UserError(f"{path} line {number}: field {text_field!r} is not a string "
                                 f"({json.dumps(text)[:40]}): pass --text_field NAME")
             yield _Piece(_document_split(start, split_byte), text, True, len(line))
+
+
+def _parquet_pieces(files: list[tuple[Path, int]], text_field: str,
+                    val_fraction: float) -> Iterator[_Piece]:
+    """Yields one piece per parquet row, in order; the last val_fraction of the rows are val.
+    A row's nbytes is its share of its file's size, so the progress bar counts file bytes."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading parquet needs pyarrow: pip install -e \".[data]\" (or pip "
+                        "install pyarrow)") from None
+    opened = []
+    for path, size in files:
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as err:  # noqa: BLE001 (pyarrow raises several kinds)
+            raise UserError(f"{path} is not a readable parquet file ({err})") from None
+        if text_field not in table.schema_arrow.names:
+            raise UserError(f"{path} has no {text_field!r} column (it has "
+                            f"{', '.join(table.schema_arrow.names)}): pass --text_field NAME")
+        opened.append((path, size, table))
+    split_row = int(sum(t.metadata.num_rows for _, _, t in opened) * (1.0 - val_fraction))
+    row = 0
+    for path, size, table in opened:
+        n_rows, done = table.metadata.num_rows, 0
+        for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if not isinstance(text, str):
+                    raise UserError(f"{path} row {done}: column {text_field!r} holds "
+                                    f"{type(text).__name__}, not text: pass --text_field NAME")
+                nbytes = size * (done + 1) // n_rows - size * done // n_rows
+                yield _Piece("train" if row < split_row else "val", text, True, nbytes)
+                row, done = row + 1, done + 1
 
 
 def _read_chunks(path: Path, chunk_bytes: int,

@@ -54,6 +54,14 @@ def run_cli(*args, timeout=180, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
 
 
+def require_pyarrow():
+    """Imports pyarrow for the parquet tests: skipped without the `data` extra, except in CI
+    (GPT_JAX_REQUIRE_PARITY=1), where a missing install fails."""
+    if os.environ.get("GPT_JAX_REQUIRE_PARITY"):
+        import pyarrow  # noqa: F401
+    return pytest.importorskip("pyarrow.parquet")
+
+
 def require_parity_libs():
     """Imports torch and transformers for the parity tests.
 

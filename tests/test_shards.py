@@ -112,3 +112,30 @@ def test_prepare_writes_llm_c_shards_holding_the_same_tokens(tmp_path):
     assert ds.tokenizer == reference.tokenizer
     with pytest.raises(UserError, match="shard_tokens must be at least 1"):
         prepare.prepare_bpe_corpus(source, tmp_path / "bad", shard_tokens=0)
+
+
+def test_prepare_reads_parquet_rows_as_documents(tmp_path):
+    from conftest import require_pyarrow
+
+    from gpt_jax import prepare
+
+    pq = require_pyarrow()
+    import pyarrow as pa
+
+    texts = [f"Document {i}: " + "the quick brown fox " * (i % 7 + 1) for i in range(50)]
+    (tmp_path / "pq").mkdir()
+    for part, rows in enumerate((texts[:30], texts[30:])):  # FineWeb: a directory of files
+        table = pa.table({"id": list(range(len(rows))), "text": rows})
+        pq.write_table(table, tmp_path / "pq" / f"{part:03d}.parquet", row_group_size=8)
+    meta = prepare.prepare_bpe_corpus(tmp_path / "pq", tmp_path / "out", val_fraction=0.1,
+                                      show_progress=False, shard_tokens=500)
+    enc = data.TiktokenTokenizer("gpt2")
+    expected = [enc.encode(t) + [50256] for t in texts]  # one document per row; the last 10% val
+    ds = data.read_prepared(tmp_path / "out")
+    for split, rows in (("train", expected[:45]), ("val", expected[45:])):
+        tokens = getattr(ds, split)
+        assert tokens[np.arange(len(tokens))].tolist() == [t for row in rows for t in row]
+    assert meta["documents"] == 50
+    with pytest.raises(UserError, match=r"has no 'body' column \(it has id, text\)"):
+        prepare.prepare_bpe_corpus(tmp_path / "pq", tmp_path / "out2", text_field="body",
+                                   show_progress=False)
