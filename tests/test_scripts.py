@@ -303,3 +303,16 @@ def test_bench_sample_mode_ends_with_the_speedup():
     assert re.fullmatch(r"speedup_batch1=\d+\.\dx", lines[-1]), lines[-1]
     assert sum("first token" in line and "tokens/s" in line for line in lines) == 4
     assert "timed over 10 tokens" in result.stdout  # batch 2: the recompute baseline
+
+
+def test_prepare_speed_times_both_sides_on_the_same_tokens():
+    from conftest import require_pyarrow
+
+    require_pyarrow()
+    result = run_cli("benchmarks/prepare_speed.py", "--mb", "1", "--rounds", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    rounds = [line.split() for line in lines if line.lstrip().startswith("round")]
+    assert len(rounds) == 4 and len({r[3] for r in rounds}) == 1  # the same token count
+    assert re.fullmatch(r"mb=1 prepare_tokens_per_sec=\d+ plain_tokens_per_sec=\d+ "
+                        r"ratio=\d+\.\d\d prepare_peak_mib=\d+", lines[-1]), lines[-1]
