@@ -126,8 +126,9 @@ class ShardedTokens:
         return int(self._starts[-1])
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self[np.arange(len(self))[index]]
+        if isinstance(index, slice):  # a range, not an arange of the whole corpus
+            span = range(len(self))[index]
+            return self[np.arange(span.start, span.stop, span.step, dtype=np.int64)]
         at = np.asarray(index)
         if not np.issubdtype(at.dtype, np.integer):
             raise TypeError(f"shards are indexed by integers, not {at.dtype}")

@@ -50,6 +50,8 @@ def test_batches_from_shards_equal_the_concatenated_tokens(tmp_path):
     assert spans > 0  # some crops read across a shard boundary
     np.testing.assert_array_equal(ds.val[np.arange(len(val))], val)
     np.testing.assert_array_equal(ds.train[995:1010], train[995:1010])
+    np.testing.assert_array_equal(ds.train[-5:], train[-5:])
+    np.testing.assert_array_equal(ds.train[1800:1700:-7], train[1800:1700:-7])
     assert int(ds.train[-1]) == int(train[-1])
 
 
