@@ -5,7 +5,7 @@ import importlib.util
 import jax
 import ml_collections
 
-from gpt_jax import optim
+from gpt_jax import data, optim
 from gpt_jax.errors import UserError
 from gpt_jax.kernels import sets as kernels
 from gpt_jax.model import GPTConfig
@@ -91,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     # How a text corpus is tokenised: "char" (its sorted characters) or "gpt2" (tiktoken BPE).
     # Prepared directories carry their own tokenizer in meta.json and ignore this field.
     c.data.tokenizer = "char"
+    # Documents (corpora whose documents are separated by <|endoftext|>: GPT-2 BPE, shards).
+    # align: none (crops start anywhere) | bos (each training row starts at the start of the
+    # document holding its drawn token, as nanochat's rows do). doc_mask: attention does not
+    # cross <|endoftext|> within a row (sets model.doc_sep to its id).
+    c.data.align = "none"
+    c.data.doc_mask = False
 
     c.model = ml_collections.ConfigDict()
     c.model.block_size = 1024
@@ -127,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.embed_scale = ml_collections.config_dict.placeholder(float)
     c.model.final_norm = ml_collections.config_dict.placeholder(bool)
     c.model.tie_embeddings = True
+    # The token that begins a document, across which attention is masked: set by data.doc_mask
+    # (None: off).
+    c.model.doc_sep = ml_collections.config_dict.placeholder(int)
     c.model.dtype = "auto"  # compute dtype: auto is bfloat16 on GPU/TPU, float32 on CPU
     return c
 
@@ -220,6 +229,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.dtype not in COMPUTE_DTYPES:
         raise UserError(f"model.dtype={config.model.dtype!r} is unknown: use one of "
                         f"{', '.join(COMPUTE_DTYPES)}")
+    if config.data.align not in data.ALIGNS:
+        raise UserError(f"data.align={config.data.align!r} is unknown: use one of "
+                        f"{', '.join(data.ALIGNS)}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}")
     # The model's own checks (sizes, n_embd divisible by n_head, known switches) run here too,

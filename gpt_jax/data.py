@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
 from gpt_jax import sharding, shards
@@ -145,6 +146,14 @@ class HFTokenizer:
         return {"kind": "hf", "json": self.json, "eos_id": self.eos_id}
 
 
+def end_of_text(tokenizer) -> int | None:
+    """Returns the id of <|endoftext|> for GPT-2's BPE, the end-of-sequence token of a Hugging
+    Face tokenizer.json, None for a character tokenizer."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return tokenizer.encode("<|endoftext|>")[0]
+    return tokenizer.eos_id if isinstance(tokenizer, HFTokenizer) else None
+
+
 def tokenizer_from_json(table: dict):
     """Returns the tokenizer that `tokenizer.to_json()` described."""
     kind = table.get("kind")
@@ -162,11 +171,11 @@ def tokenizer_from_json(table: dict):
 
 @dataclasses.dataclass
 class Dataset:
-    """Train and val token arrays (memory-mapped uint16, or shards.ShardedTokens over several
-    files) with the tokenizer that made them."""
+    """Train and val tokens (shards.ShardedTokens: uint16, read a batch at a time from one
+    train.bin/val.bin or from several shards) with the tokenizer that made them."""
 
-    train: np.ndarray
-    val: np.ndarray
+    train: shards.ShardedTokens
+    val: shards.ShardedTokens
     tokenizer: object
     directory: Path
 
@@ -342,9 +351,40 @@ def read_prepared(directory: Path) -> Dataset:
         tokenizer = CharTokenizer("".join(itos[i] for i in range(len(itos))))
     else:  # nanoGPT's BPE corpora (openwebtext, shakespeare) carry no meta file.
         tokenizer = TiktokenTokenizer("gpt2")
-    train = np.memmap(directory / "train.bin", dtype=TOKEN_DTYPE, mode="r")
-    val = np.memmap(directory / "val.bin", dtype=TOKEN_DTYPE, mode="r")
+    train, val = (shards.ShardedTokens([directory / f"{split}.bin"], header_bytes=0)
+                  for split in ("train", "val"))
     return Dataset(train=train, val=val, tokenizer=tokenizer, directory=directory)
+
+
+ALIGNS = ("none", "bos")
+DOCUMENT_CHECK_TOKENS = 1 << 22  # align=bos: the train split must hold a separator this early
+
+
+def resolve_documents(config, dataset: Dataset):
+    """Returns `config` with model.doc_sep set from data.doc_mask (the corpus tokenizer's
+    <|endoftext|>); raises UserError when data.align or data.doc_mask cannot work on it."""
+    align, doc_mask = config.data.get("align", "none"), config.data.get("doc_mask", False)
+    if align not in ALIGNS:
+        raise UserError(f"data.align={align!r} is unknown: use one of {', '.join(ALIGNS)}")
+    if align == "none" and not doc_mask:
+        return config
+    sep = end_of_text(dataset.tokenizer)
+    wanted = "data.align=bos" if align == "bos" else "data.doc_mask"
+    if sep is None:
+        raise UserError(f"{wanted} needs documents separated by <|endoftext|>, but the "
+                        f"corpus's {type(dataset.tokenizer).__name__} has no such token: use a "
+                        "BPE corpus (data.tokenizer=gpt2), or leave data.align=none and "
+                        "data.doc_mask=False")
+    head = np.asarray(dataset.train[: min(len(dataset.train), DOCUMENT_CHECK_TOKENS)])
+    if align == "bos" and not (head == sep).any():
+        raise UserError(f"data.align=bos found no <|endoftext|> ({sep}) in the first "
+                        f"{len(head):,} tokens of {dataset.directory}'s train split: its "
+                        "documents are not separated (prepare them with python -m "
+                        "gpt_jax.prepare, which ends each with one), or use data.align=none")
+    if doc_mask:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model.doc_sep = sep
+    return config
 
 
 def _atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -359,23 +399,54 @@ SPLIT_STREAMS = {"train": 0, "val": 1}
 
 
 def get_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int, step: int,
-              stream: int = 0, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
+              stream: int = 0, rows: slice | None = None, align_to: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Returns (inputs, targets), each int32 (batch_size, block_size), for one training step.
 
     Each row is a random contiguous crop of block_size + 1 tokens whose start is a pure
     function of (seed, stream, step), so any step's batch can be rebuilt after a restart, on
     any number of devices. `rows` reads only those rows of the batch (one process's share).
+    With align_to (a separator token, data.align=bos) each crop starts instead at the start of
+    the document holding the drawn token (see document_starts).
     """
     rng = np.random.default_rng((seed, stream, step))
     starts_B = rng.integers(0, len(tokens) - block_size, size=batch_size)
     if rows is not None:
         starts_B = starts_B[rows]
+    if align_to is not None:
+        starts_B = document_starts(tokens, starts_B, align_to)
     return _crops(tokens, starts_B, block_size)
+
+
+DOCUMENT_SEARCH = 4096  # tokens read per step of document_starts' backward search
+
+
+def document_starts(tokens: np.ndarray, at_B: np.ndarray, sep: int) -> np.ndarray:
+    """Returns the start of the document holding each token at_B: the position after the last
+    `sep` before it, or 0 in the corpus's first document.
+
+    Only the tokens between the two are read (backwards, DOCUMENT_SEARCH at a time), so no
+    index of the corpus is built. A document is drawn in proportion to its length, as an
+    unaligned crop is, and a crop from its start fits wherever at_B's did.
+    """
+    starts_B = np.zeros_like(at_B)
+    for b, end in enumerate(at_B.tolist()):
+        while end > 0:
+            lo = max(0, end - DOCUMENT_SEARCH)
+            hits = np.flatnonzero(np.asarray(tokens[lo:end]) == sep)
+            if hits.size:
+                starts_B[b] = lo + hits[-1] + 1
+                break
+            end = lo
+    return starts_B
 
 
 def _crops(tokens: np.ndarray, starts_B: np.ndarray, block_size: int):
     """Returns (inputs, targets), int32 (B, block_size), of the crops starting at starts_B."""
-    crops_BT = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], dtype=np.int32)
+    if isinstance(tokens, shards.ShardedTokens):  # a read per crop, nothing kept mapped
+        crops_BT = tokens.crops(starts_B, block_size + 1).astype(np.int32)
+    else:
+        crops_BT = np.asarray(tokens[starts_B[:, None] + np.arange(block_size + 1)], np.int32)
     return crops_BT[:, :-1], crops_BT[:, 1:]
 
 
@@ -385,9 +456,10 @@ def train_batch(dataset: Dataset, config, step: int, mesh=None):
     With a mesh, the batch comes back split over it; in a multi-process run each process
     reads only the rows its devices hold.
     """
+    align_to = end_of_text(dataset.tokenizer) if config.data.get("align") == "bos" else None
     batch = get_batch(dataset.train, batch_size=config.batch_size,
                       block_size=config.model.block_size, seed=config.seed, step=step,
-                      rows=_process_rows(mesh, config.batch_size))
+                      rows=_process_rows(mesh, config.batch_size), align_to=align_to)
     return batch if mesh is None else sharding.put_batch(batch, mesh, config.batch_size)
 
 

@@ -93,6 +93,15 @@ def release_freed_memory() -> None:
         _glibc().malloc_trim(0)
 
 
+def resident_bytes() -> int | None:
+    """Returns the process's resident memory now (Linux's /proc/self/statm), or None off Linux."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def heap_in_use_counter():
     """Returns a function giving the bytes glibc's heap has handed out, or None off glibc."""
     libc = _glibc()

@@ -117,6 +117,8 @@ class Loop:
                 self._evaluate(state, step, k, record)
             self.loop_s, self.aside = self.clock.elapsed(), dict(self.clock.totals)
             record["elapsed_s"] = self.loop_s + self.elapsed_before[k]
+            if (rss := host_memory.resident_bytes()) is not None:
+                record["host_rss_mib"] = rss / 2**20  # the process's, shared by its lanes
             lanes.write(k, record, self.progress.say)
         if is_eval:
             self.eval_round_s = self.clock.totals["eval_s"] - evals_before

@@ -29,7 +29,8 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 # Wall-clock figures: they go to timing.jsonl, so that metrics.jsonl stays reproducible.
-TIMING_KEYS = ("ms_per_step", "tokens_per_sec", "mfu", "elapsed_s", "eval_s", "save_s", "eta_s")
+TIMING_KEYS = ("ms_per_step", "tokens_per_sec", "mfu", "elapsed_s", "eval_s", "save_s", "eta_s",
+               "host_rss_mib")
 
 
 class LoopClock:

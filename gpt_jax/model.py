@@ -57,6 +57,10 @@ class GPTConfig:
     final_norm: bool | None = None
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Document masking: each occurrence of this token (<|endoftext|>) begins a new document,
+    # and attention never crosses into an earlier one (a block-diagonal causal mask, as
+    # modded-nanogpt's). None: one causal mask over the whole row. Set by data.doc_mask.
+    doc_sep: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -86,6 +90,9 @@ class GPTConfig:
                                             or self.mlp_hidden < 1):
             raise UserError(f"model.mlp_hidden must be a positive integer (or None: the "
                             f"activation's rule), got {self.mlp_hidden!r}")
+        if self.doc_sep is not None and not 0 <= self.doc_sep < self.vocab_size:
+            raise UserError(f"model.doc_sep={self.doc_sep} is no token of the vocabulary of "
+                            f"{self.vocab_size}: use the tokenizer's <|endoftext|> id, or None")
         if not self.logit_softcap >= 0:
             raise UserError(f"model.logit_softcap must be >= 0 (0: off), got "
                             f"{self.logit_softcap}")
@@ -143,7 +150,8 @@ def kernels_of(config: GPTConfig) -> kernels.Kernels:
 # trained with: a saved config without the field predates it.
 LEGACY_FIELDS = {"embed_scale": 1.0, "final_norm": True, "rope_theta": 10000.0,
                  "norm": "layernorm", "norm_eps": 1e-5, "mlp_hidden": None, "qk_norm": False,
-                 "n_kv_head": None, "logit_softcap": 0.0, "zero_init_proj": False}
+                 "n_kv_head": None, "logit_softcap": 0.0, "zero_init_proj": False,
+                 "doc_sep": None}
 
 
 def saved_model_fields(model: dict) -> dict:
@@ -262,13 +270,16 @@ class CausalSelfAttention(nn.Module):
     collection, (B, n_kv_head, block_size, K) each (heads before positions: XLA:CPU then reads
     them without a transposed copy): the new ones are written at `positions_BT` and each query
     attends to the cached positions up to its own.
+
+    `documents` (with doc_sep) keeps each query within its own document: the row's document
+    numbers (B, T), or in decode mode (the queries' (B, T), the cached positions' (B, S)).
     """
 
     config: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
-                 positions_BT: jax.Array | None = None) -> jax.Array:
+                 positions_BT: jax.Array | None = None, documents=None) -> jax.Array:
         cfg = self.config
         B, T, D = x_BTD.shape
         H, N, K = cfg.n_head, cfg.kv_heads, D // cfg.n_head
@@ -286,11 +297,12 @@ class CausalSelfAttention(nn.Module):
                        dtype=cfg.compute_dtype)
         if positions_BT is None:  # each key/value head repeated for the queries that share it
             k_BTHK, v_BTHK = (jnp.repeat(a, H // N, axis=2) for a in (k_BTNK, v_BTNK))
-            y_BTHK = kernels_of(cfg).causal_attention(q_BTHK, k_BTHK, v_BTHK, **weights)
+            y_BTHK = kernels_of(cfg).causal_attention(q_BTHK, k_BTHK, v_BTHK, **weights,
+                                                      segments_BT=documents)
         else:
             k_BNSK, v_BNSK = self._cached(k_BTNK, v_BTNK, positions_BT)
             y_BTHK = kernels_of(cfg).cached_attention(q_BTHK, k_BNSK, v_BNSK, positions_BT,
-                                                      **weights)
+                                                      **weights, segments=documents)
         y_BTD = Dense(cfg, D, std=_residual_std(cfg), name="c_proj")(y_BTHK.reshape(B, T, D))
         return Dropout(cfg)(y_BTD, deterministic)
 
@@ -347,16 +359,16 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
-                 positions_BT: jax.Array | None = None) -> jax.Array:
+                 positions_BT: jax.Array | None = None, documents=None) -> jax.Array:
         cfg = self.config
         attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
         ln_1, ln_2 = _norm(cfg, "ln_1"), _norm(cfg, "ln_2")
         if cfg.norm_position == "post":
             x_BTD = ln_1(x_BTD + attn(x_BTD.astype(cfg.compute_dtype), deterministic,
-                                      positions_BT))
+                                      positions_BT, documents))
             return ln_2(x_BTD + mlp(x_BTD.astype(cfg.compute_dtype), deterministic))
         h_BTD = ln_1(x_BTD).astype(cfg.compute_dtype)
-        x_BTD = x_BTD + attn(h_BTD, deterministic, positions_BT)
+        x_BTD = x_BTD + attn(h_BTD, deterministic, positions_BT, documents)
         h_BTD = ln_2(x_BTD).astype(cfg.compute_dtype)
         return x_BTD + mlp(h_BTD, deterministic)
 
@@ -373,6 +385,10 @@ class GPT(nn.Module):
 
     With last_only=True the logits are (B, 1, vocab_size): those of each row's last token (at
     lengths_B[b] - 1, default T - 1) alone, which is all a sampler needs from a prompt.
+
+    With config.doc_sep, position t belongs to document (number of doc_sep tokens at or before
+    t): a doc_sep token opens the document it begins. In decode mode the cache keeps each
+    position's document number (`segment`), and new tokens continue from the row's last one.
     """
 
     config: GPTConfig
@@ -397,17 +413,21 @@ class GPT(nn.Module):
             wpe_SD = sinusoidal_positions(cfg.block_size, cfg.n_embd)
         else:  # none, or rope (which rotates q and k in attention): nothing added here
             wpe_SD = jnp.zeros((cfg.block_size, cfg.n_embd), jnp.float32)
-        positions_BT = None
+        positions_BT = documents = None
+        if cfg.doc_sep is not None:  # each row's document numbers, counted from its start
+            documents = jnp.cumsum(idx_BT == cfg.doc_sep, axis=1, dtype=jnp.int32)
         if decode:
             index = self.variable("cache", "index", jnp.zeros, (B,), jnp.int32)
             positions_BT = index.value[:, None] + jnp.arange(T, dtype=jnp.int32)
+            if documents is not None:
+                documents = self._cached_documents(documents, index.value, positions_BT)
             index.value = index.value + (T if lengths_B is None else lengths_B)
             x_BTD = x_BTD + jnp.take(wpe_SD, positions_BT, axis=0, mode="clip")
         else:
             x_BTD = x_BTD + wpe_SD[:T]
         x_BTD = Dropout(cfg)(x_BTD, deterministic)
         for i in range(cfg.n_layer):
-            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT)
+            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT, documents)
         if cfg.has_final_norm:
             x_BTD = _norm(cfg, "ln_f")(x_BTD)
         x_BTD = x_BTD.astype(cfg.compute_dtype)
@@ -423,11 +443,30 @@ class GPT(nn.Module):
             logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
         return logits_BTV
 
+    def _cached_documents(self, new_BT, index_B, positions_BT):
+        """Returns (the new tokens' document numbers, the cache's) after writing the new ones:
+        they continue the document of the row's last cached token."""
+        B = new_BT.shape[0]
+        segment = self.variable("cache", "segment", jnp.zeros, (B, self.config.block_size),
+                                jnp.int32)
+        last_B = jnp.take_along_axis(segment.value, jnp.maximum(index_B - 1, 0)[:, None],
+                                     axis=1, mode="clip")[:, 0]
+        new_BT = new_BT + jnp.where(index_B > 0, last_B, 0)[:, None]
+        segment.value = segment.value.at[jnp.arange(B)[:, None], positions_BT].set(
+            new_BT, mode="drop")
+        return new_BT, segment.value
+
 
 def init_params(config: GPTConfig, rng: jax.Array):
     """Returns freshly initialised parameters (GPT-2 initialisation) for `config`."""
     dummy_BT = jnp.zeros((1, config.block_size), dtype=jnp.int32)
     return jax.jit(lambda key: GPT(config).init(key, dummy_BT)["params"])(rng)
+
+
+def _positions_axis(x) -> int | None:
+    """Returns the positions axis of a cache array: keys and values are (B, N, S, K), document
+    numbers (B, S); the index, (B,), has none."""
+    return {4: 2, 2: 1}.get(len(x.shape))
 
 
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
@@ -438,11 +477,27 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
         lambda: GPT(config).init(jax.random.PRNGKey(0), dummy_B1, decode=True)["cache"])
     length = config.block_size if length is None else length
 
-    def empty(s):  # keys and values are (B, N, S, K); the index is (B,)
-        shape = s.shape if len(s.shape) != 4 else (*s.shape[:2], length, s.shape[3])
+    def empty(s):
+        shape = list(s.shape)
+        if (axis := _positions_axis(s)) is not None:
+            shape[axis] = length
         return jnp.zeros(shape, s.dtype)
 
     return jax.tree.map(empty, shapes)
+
+
+def grow_cache(cache, length: int):
+    """Returns the cache with room for `length` positions: empty ones appended to each array
+    that has a positions axis; the index stays."""
+    def pad(x):
+        axis = _positions_axis(x)
+        if axis is None:
+            return x
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, widths)
+
+    return jax.tree.map(pad, cache)
 
 
 def abstract_params(config: GPTConfig):

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt_jax.data import HFTokenizer, TiktokenTokenizer
 from gpt_jax.errors import UserError
-from gpt_jax.model import GPT, GPTConfig, init_cache
+from gpt_jax.model import GPT, GPTConfig, grow_cache, init_cache
 
 PyTree = Any
 MIN_BUCKET = 16
@@ -182,11 +181,7 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
         return DecodeState(cache, context_BS, token_B, state.step + 1, done_B)
 
     def grow(state, length):
-        def pad(x):  # keys and values (B, N, S, K) get empty positions; the index stays
-            return x if x.ndim != 4 else jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]),
-                                                     (0, 0)))
-
-        return state._replace(cache=jax.tree.map(pad, state.cache))
+        return state._replace(cache=grow_cache(state.cache, length))
 
     def slide(params, state):
         B = state.token_B.shape[0]
@@ -445,14 +440,6 @@ def stream_text(tokens: Iterator[np.ndarray], decode: Callable[[list[int]], str]
             shown = settled
     if len(text) > shown:
         yield text[shown:]
-
-
-def end_of_text(tokenizer) -> int | None:
-    """Returns the id of <|endoftext|> for GPT-2's BPE, the end-of-sequence token of a Hugging
-    Face tokenizer.json, None for a character tokenizer."""
-    if isinstance(tokenizer, TiktokenTokenizer):
-        return tokenizer.encode("<|endoftext|>")[0]
-    return tokenizer.eos_id if isinstance(tokenizer, HFTokenizer) else None
 
 
 def records(texts: Sequence[str], prompts: Sequence[list[int]], tokens_BN: np.ndarray,

@@ -5,9 +5,10 @@ the rest zero) followed by that many uint16 tokens. A corpus is a directory of t
 named by a `train` or `val` word in the file name (`fineweb_train_000001.bin`,
 `fineweb_val_000000.bin`, `tiny_shakespeare_val.bin`), in name order.
 
-`ShardedTokens` shows a split's shards as one token array without reading any of them whole:
-every shard is memory-mapped, and a batch's crops (which may span two shards) gather only
-their own tokens, so a batch is the same function of (seed, step) as on one file.
+`ShardedTokens` shows a split's shards (or a prepared train.bin) as one token array without
+reading any of them whole: a batch's crops (which may span two shards) gather only their own
+tokens, through maps that last one read, so a batch is the same function of (seed, step) as on
+one file and resident memory stays flat however much of the corpus a run reads.
 """
 
 import os
@@ -109,25 +110,44 @@ def has_shards(directory: Path) -> bool:
 
 
 class ShardedTokens:
-    """The tokens of several shards as one read-only array: len(), and indexing by an int, a
-    slice or an integer array (each element read from the shard that holds it)."""
+    """The tokens of several files as one read-only array: len(), and indexing by an int, a
+    slice or an integer array (each element read from the file that holds it).
 
-    def __init__(self, paths: Sequence[Path]):
+    Nothing of the files is kept in the process: ranges and crops are read with pread into
+    fresh arrays, and an integer array is gathered through maps that last that one read
+    (nanoGPT's fresh memmap per batch). So the process's resident memory does not grow with
+    the tokens it has read; only the kernel's page cache does, which it hands back under
+    memory pressure. `header_bytes` is where the tokens start in each file (0 for a
+    train.bin); with a header, each file's is checked and gives its token count.
+    """
+
+    dtype = TOKEN_DTYPE
+
+    def __init__(self, paths: Sequence[Path], header_bytes: int = HEADER_BYTES):
         if not paths:
             raise UserError("no token shards were given")
-        self.paths = list(paths)
-        counts = [read_header(p) for p in self.paths]
-        self._shards = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES,
-                                  shape=(n,)) if n else np.zeros(0, TOKEN_DTYPE)
-                        for p, n in zip(self.paths, counts)]
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.paths, self._header_bytes = list(paths), header_bytes
+        self._counts = [read_header(p) if header_bytes else _headerless_count(p)
+                        for p in self.paths]
+        self._starts = np.concatenate([[0], np.cumsum(self._counts)]).astype(np.int64)
+        self._fds: dict[int, int] = {}  # file index -> descriptor, opened on first read
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """Returns every token (an explicit whole read, e.g. np.asarray(tokens))."""
+        return self._range(0, len(self)).astype(dtype or TOKEN_DTYPE, copy=False)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
     def __getitem__(self, index):
-        if isinstance(index, slice):  # a range, not an arange of the whole corpus
+        if isinstance(index, slice):
             span = range(len(self))[index]
+            if span.step == 1:
+                return self._range(span.start, max(span.start, span.stop))
             return self[np.arange(span.start, span.stop, span.step, dtype=np.int64)]
         at = np.asarray(index)
         if not np.issubdtype(at.dtype, np.integer):
@@ -139,5 +159,46 @@ class ShardedTokens:
         shard_of = np.searchsorted(self._starts, at, side="right") - 1
         for s in np.unique(shard_of):
             mask = shard_of == s
-            out[mask] = self._shards[s][at[mask] - self._starts[s]]
+            mapped = np.memmap(self.paths[s], dtype=TOKEN_DTYPE, mode="r",
+                               offset=self._header_bytes, shape=(self._counts[s],))
+            out[mask] = mapped[at[mask] - self._starts[s]]
         return out if out.ndim else out[()]
+
+    def crops(self, starts_B: np.ndarray, length: int) -> np.ndarray:
+        """Returns the (B, length) tokens starting at each start, one read per crop."""
+        out = np.empty((len(starts_B), length), TOKEN_DTYPE)
+        for row, start in zip(out, np.asarray(starts_B).tolist()):
+            if start < 0 or start + length > len(self):
+                raise IndexError(f"crop {start}..{start + length} out of range for "
+                                 f"{len(self)} tokens")
+            self._range(start, start + length, into=row)
+        return out
+
+    def _range(self, start: int, stop: int, into: np.ndarray | None = None) -> np.ndarray:
+        """Returns tokens start..stop-1, read file by file with pread."""
+        out = np.empty(stop - start, TOKEN_DTYPE) if into is None else into
+        s = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            take = min(stop, int(self._starts[s + 1])) - start
+            if take > 0:
+                offset = self._header_bytes + 2 * (start - int(self._starts[s]))
+                view = memoryview(out[len(out) - (stop - start):][:take]).cast("B")
+                if os.preadv(self._fd(s), [view], offset) != view.nbytes:
+                    raise UserError(f"{self.paths[s]} ended early: the file was truncated "
+                                    "while training; write it again")
+                start += take
+            s += 1
+        return out
+
+    def _fd(self, s: int) -> int:
+        if s not in self._fds:
+            self._fds[s] = os.open(self.paths[s], os.O_RDONLY)
+        return self._fds[s]
+
+
+def _headerless_count(path: Path) -> int:
+    size = os.path.getsize(path)
+    if size % np.dtype(TOKEN_DTYPE).itemsize:
+        raise UserError(f"{path} is {size:,} bytes, not a whole number of uint16 tokens: the "
+                        "file is truncated or not a token file; prepare the corpus again")
+    return size // np.dtype(TOKEN_DTYPE).itemsize

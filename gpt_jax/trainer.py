@@ -294,6 +294,7 @@ def _prepare(config: ml_collections.ConfigDict):
     config = config_lib.resolve_backend_fields(config, jax.default_backend())  # a copy
     _enable_compile_cache(config)
     dataset = data.load_dataset(config.data)
+    config = data.resolve_documents(config, dataset)
     configs = seeds.lane_configs(config)
     saved = [checkpoint.latest_metadata(c.out_dir) for c in configs]
     pretrained = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from gpt_jax import data
+from gpt_jax import data, shards
 from gpt_jax.errors import UserError
 
 
@@ -33,7 +33,7 @@ def test_shakespeare_prepares_like_nanogpt(tmp_path):
     # nanoGPT's shakespeare_char/prepare.py: 65 characters, 1,003,854 train / 111,540 val.
     assert ds.tokenizer.vocab_size == 65
     assert (len(ds.train), len(ds.val)) == (1_003_854, 111_540)
-    assert ds.train.dtype == np.uint16 and isinstance(ds.train, np.memmap)
+    assert ds.train.dtype == np.uint16 and isinstance(ds.train, shards.ShardedTokens)
     assert ds.tokenizer.decode(ds.train[:14]) == "First Citizen:"
     assert ds.directory.parent.parent == tmp_path  # under the cache, keyed by hash
     again = data.load_dataset(_data_config(cache_dir=tmp_path))

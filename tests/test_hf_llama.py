@@ -289,7 +289,7 @@ def test_tokenizer_json_encodes_decodes_and_ends_samples_at_eos(gqa_untied, mha_
     tokenizer = hf.read_tokenizer(gqa_untied[1], VOCAB)
     assert isinstance(tokenizer, data.HFTokenizer) and tokenizer.vocab_size == VOCAB
     assert tokenizer.decode(tokenizer.encode("ROMEO: héllo")) == "ROMEO: héllo"
-    assert sampling.end_of_text(tokenizer) == EOT  # config.json's eos_token_id
+    assert data.end_of_text(tokenizer) == EOT  # config.json's eos_token_id
     lengths = tokenizer.token_bytes()
     assert lengths[EOT] == 0 and lengths[tokenizer.encode("e")[0]] == 1
     assert lengths[tokenizer.encode(" the")[0]] == 4  # one merged token of four bytes

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import sampling
+from gpt_jax import data, sampling
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, init_params
 
@@ -187,8 +187,8 @@ def test_records_cut_each_row_and_rate_the_steps_run():
         {"prompt": "Q", "prompt_tokens": [5, 6], "text": "b", "tokens": [1],
          "tokens_per_sec": 2.0},  # 4 steps in 2 s: the loop ran until the last row stopped
     ]
-    assert sampling.end_of_text(TiktokenTokenizer("gpt2")) == 50256
-    assert sampling.end_of_text(CharTokenizer("ab<|>")) is None
+    assert data.end_of_text(TiktokenTokenizer("gpt2")) == 50256
+    assert data.end_of_text(CharTokenizer("ab<|>")) is None
 
 
 @pytest.mark.parametrize("stops", [[], ["\n\n"], ["🦜"], ["wörld 🦜"], ["ld 🦜 en", "x"]])

@@ -1,6 +1,7 @@
 """llm.c token shards: read as one array (batches equal the concatenated reading), bad shards."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,6 @@ def test_batches_from_shards_equal_the_concatenated_tokens(tmp_path):
     ds = data.read_prepared(tmp_path / "fineweb")
     assert len(ds.train) == len(train) and len(ds.val) == len(val)
     assert ds.tokenizer.vocab_size == 50257  # llm.c shards are GPT-2 tokens
-    assert all(isinstance(s, np.memmap) for s in ds.train._shards if len(s))  # none read whole
     spans = 0
     for step in range(30):
         kwargs = {"batch_size": 8, "block_size": 64, "seed": 5, "step": step}
@@ -48,6 +48,8 @@ def test_batches_from_shards_equal_the_concatenated_tokens(tmp_path):
         starts = np.random.default_rng((5, 0, step)).integers(0, len(train) - 64, size=8)
         spans += int(np.sum((starts < 1000) & (starts + 64 >= 1000)))
     assert spans > 0  # some crops read across a shard boundary
+    maps = Path("/proc/self/maps").read_text()
+    assert not any(str(p) in maps for p in ds.train.paths)  # no shard stays mapped
     np.testing.assert_array_equal(ds.val[np.arange(len(val))], val)
     np.testing.assert_array_equal(ds.train[995:1010], train[995:1010])
     np.testing.assert_array_equal(ds.train[-5:], train[-5:])
@@ -141,3 +143,23 @@ def test_prepare_reads_parquet_rows_as_documents(tmp_path):
     with pytest.raises(UserError, match=r"has no 'body' column \(it has id, text\)"):
         prepare.prepare_bpe_corpus(tmp_path / "pq", tmp_path / "out2", text_field="body",
                                    show_progress=False)
+
+
+def test_training_from_shards_larger_than_its_memory_limit_keeps_resident_memory_flat(tmp_path):
+    # 832 MiB of shards under a 768 MiB memory cgroup (where one can be made: root, as in CI),
+    # which also charges the shards' page cache: the loader reading 300 MiB of aligned crops
+    # and a 40-step run both keep resident memory flat (benchmarks/shard_memory.py, small).
+    from benchmarks import shard_memory
+
+    shard_memory.write_shards(tmp_path / "s", 416 << 20, 100_000_000)
+    limit = 768 << 20
+    read = shard_memory.loader(tmp_path / "s", limit, n_tokens=150 << 20, batch=256,
+                               block_size=1024)
+    loader_rss = list(read["rss_by_batch"].values())
+    assert len(loader_rss) >= 20 and max(loader_rss) - loader_rss[0] < 4, read
+    model = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64}
+    figures = shard_memory.run(tmp_path / "s", tmp_path / "run", limit, 40, model, 8)
+    flat = shard_memory.flat_figures(figures["rss_by_step"])
+    assert len(figures["rss_by_step"]) >= 18 and flat["rss_growth_mib"] < 4, figures
+    if figures["limited"]:
+        assert read["cgroup_peak_mib"] <= 768 and figures["cgroup_peak_mib"] <= 768

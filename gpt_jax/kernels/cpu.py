@@ -127,12 +127,13 @@ def query_blocks(T: int) -> int:
 
 
 def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
-                     dropout_rate: float, rng: jax.Array | None, dtype) -> jax.Array:
+                     dropout_rate: float, rng: jax.Array | None, dtype,
+                     segments_BT: jax.Array | None = None) -> jax.Array:
     """Returns causal softmax attention, (B, T, H, K), in blocks of queries.
 
     Query block i scores only the key blocks 0..i: the blocks above the diagonal are masked
     whole. Each row's softmax spans the same keys as the whole (T, T) matrix would, and
-    dropout draws that matrix's masks, sliced.
+    dropout draws that matrix's masks, sliced. segments_BT: the reference's document mask.
     """
     B, T, H, K = q_BTHK.shape
     n = query_blocks(T)
@@ -143,6 +144,9 @@ def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *,
         scores_BHTS = jnp.concatenate([batch_halves_einsum("bthk,bshk->bhts", qs[i], k)
                                        for k in ks[:i + 1]], axis=-1) / math.sqrt(K)
         visible = jnp.arange((i + 1) * Tb)[None, :] <= (i * Tb + jnp.arange(Tb))[:, None]
+        if segments_BT is not None:
+            visible = visible & reference.same_document(
+                segments_BT, slice(i * Tb, (i + 1) * Tb), slice(0, (i + 1) * Tb))
         probs.append(reference.masked_softmax(scores_BHTS, visible, dtype))
     if rng is not None:
         probs = dropout_windows(probs, (B, H, T, T), [(0, 0, i * Tb, 0) for i in range(n)],

@@ -33,11 +33,12 @@ class Kernels:
     dense: Callable  # (x_BTD, kernel_DF, bias_F | None) -> x @ kernel + bias
     logits: Callable  # (x_BTD, embedding_VD) -> x @ embedding.T (the tied LM head)
     dropout: Callable  # (x, rate, rng) -> inverted dropout of x
-    # (q_BTHK, k_BTHK, v_BTHK, *, dropout_rate, rng (None: no dropout), dtype) -> y_BTHK
+    # (q_BTHK, k_BTHK, v_BTHK, *, dropout_rate, rng (None: no dropout), dtype,
+    # segments_BT=None (each position's document: a block-diagonal causal mask)) -> y_BTHK
     causal_attention: Callable
-    # (q_BTHK, k_BNSK, v_BNSK, positions_BT, *, dropout_rate, rng, dtype) -> y_BTHK: queries
-    # at positions_BT over a KV cache of S positions and N heads (N divides H: grouped-query
-    # attention) (decode); the same in every set
+    # (q_BTHK, k_BNSK, v_BNSK, positions_BT, *, dropout_rate, rng, dtype, segments=None)
+    # -> y_BTHK: queries at positions_BT over a KV cache of S positions and N heads (N divides
+    # H: grouped-query attention) (decode); the same in every set
     cached_attention: Callable = reference.cached_attention
 
 
