@@ -9,7 +9,7 @@ Writes --gib GiB of GPT-2 ids (random documents of 1 to 2000 tokens, each ended 
 kernel's page cache for the shards counts against the limit too):
 - the loader alone builds document-aligned training batches of 512 x 1024 until it has read
   as many tokens as the shards hold, printing its resident memory as it goes;
-- train.py trains a small GPT on them (GPT-2's vocabulary, 4 layers of 256, batch 32 x 256,
+- train.py trains a small GPT on them (GPT-2's vocabulary, 2 layers of 128, batch 8 x 128,
   aligned rows), and the process's resident memory at each log line of training steps is
   printed (timing.jsonl's host_rss_mib; the lines with the first and last evaluations and the
   final save are left out).
@@ -168,14 +168,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--dir", default="", help="where the shards go (default: a temp dir)")
     args = parser.parse_args()
-    model = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256}
+    model = {"n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128}
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         shards_dir = Path(tmp) / "shards"
         n_tokens = int(args.gib * 2**30) // 2
         write_shards(shards_dir, n_tokens, 100_000_000)
         shards_mib = sum(p.stat().st_size for p in shards_dir.glob("*.bin")) / 2**20
         read = loader(shards_dir, args.limit_mib << 20, n_tokens)
-        figures = run(shards_dir, Path(tmp) / "run", args.limit_mib << 20, args.steps, model, 32)
+        figures = run(shards_dir, Path(tmp) / "run", args.limit_mib << 20, args.steps, model, 8)
     if not figures["limited"]:
         print("no writable memory cgroup here: the run had no limit", file=sys.stderr)
     print(f"batches alone (512 x 1024, aligned), {shards_mib:,.0f} MiB of crops read: "
