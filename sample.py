@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from gpt_jax import checkpoint, data, entry, metrics, sampling
+from gpt_jax import data, entry, inference, metrics, sampling
 from gpt_jax.errors import UserError
 
 SEPARATOR = "-" * 40
@@ -73,7 +73,7 @@ def sample(args) -> None:
                         "and --format text")
     # A second run of the same command loads its programs instead of compiling them.
     entry.enable_compile_cache(data.compile_cache_dir())
-    config, params, tokenizer, description = checkpoint.load_for_inference(
+    config, params, tokenizer, description = inference.load_for_inference(
         args.checkpoint, args.init_from, args.step)
     prompts = [tokenizer.encode(text) for text in texts]
     sampling.check_window_keep(config, args.window_keep)

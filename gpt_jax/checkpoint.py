@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from gpt_jax import data, hf
+from gpt_jax import data
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
 from gpt_jax.model import GPTConfig, abstract_params, effective_fields, saved_model_fields
@@ -137,21 +137,6 @@ def load_model(out_dir, step: int | None = None):
                         f"{hint}") from None
     manager.close()
     return step, config, params, tokenizer
-
-
-def load_for_inference(out_dir: str | None, init_from: str = "", step: int | None = None):
-    """Returns (model config, params, tokenizer, description) of a checkpoint directory or of
-    init_from (hf:DIR or hf:NAME, GPT-2 or Llama, with the directory's tokenizer.json or else
-    GPT-2's BPE), for sampling and evaluation."""
-    if out_dir:
-        step, config, params, tokenizer = load_model(out_dir, step)
-        return config, params, tokenizer, f"{out_dir} at step {step}"
-    if not init_from.startswith(hf.PREFIX):
-        raise UserError(f"--init_from {init_from!r} is not understood: use hf:DIR or hf:gpt2")
-    directory = hf.resolve(init_from)
-    config, params = hf.load(f"{hf.PREFIX}{directory}")
-    tokenizer = hf.read_tokenizer(directory, config.vocab_size)
-    return config, params, tokenizer, f"{init_from} ({config.n_layer} layers, {config.n_embd} wide)"
 
 
 def check_out_dir(out_dir: str) -> None:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gpt_jax import checkpoint, data, entry, sampling
+from gpt_jax import data, entry, inference, sampling
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig
 
@@ -214,7 +214,7 @@ def _model_class():
             init_from=hf:DIR, step=N, batch_size=B) names, for the harness's own CLI."""
             args = {**lm_eval.utils.simple_parse_args_string(arg_string),
                     **{k: v for k, v in (additional_config or {}).items() if v is not None}}
-            config, params, tokenizer, _ = checkpoint.load_for_inference(
+            config, params, tokenizer, _ = inference.load_for_inference(
                 args.get("checkpoint"), args.get("init_from", ""), args.get("step"))
             batch_size = args.get("batch_size", DEFAULT_BATCH_SIZE)
             return cls(params, config, tokenizer,
@@ -480,7 +480,7 @@ def run(args) -> None:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     with quiet():  # before loading the model: a task that is not found fails fast
         manager, names = resolve_tasks(tasks, args.include_path)
-    config, params, tokenizer, description = checkpoint.load_for_inference(
+    config, params, tokenizer, description = inference.load_for_inference(
         args.checkpoint, args.init_from, args.step)
     print(f"loaded {description}", file=sys.stderr)
     lm = harness_model(params, config, tokenizer, batch_size=args.batch_size, progress=True)

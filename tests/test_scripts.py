@@ -44,6 +44,14 @@ def test_a_second_sample_run_loads_its_program_from_the_compilation_cache(traine
     assert first.stdout == second.stdout
 
 
+def test_sample_py_imports_orbax_only_for_a_checkpoint():
+    # Start-up latency: orbax takes ~0.4 s to import and only checkpoints need it.
+    code = "import sys, sample; print(sorted(m for m in sys.modules if m.startswith('orbax')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_greedy_sampling_is_reproducible(trained):
     args = ("sample.py", "--checkpoint", trained, "--temperature", "0", "--max_new_tokens", "30")
     first, second = run_cli(*args, "--seed", "1"), run_cli(*args, "--seed", "2")
