@@ -3,8 +3,8 @@
     python benchmarks/accelerator.py
 
 The model is configs/gpt2.py's (or --config FILE's) at its block_size (1024), with
-model.dtype and model.kernels "auto" taken as bfloat16 and fused (jax.nn.dot_product_attention:
-cuDNN flash attention on GPUs) on every backend, so that a CPU runs the same path; the batches
+model.dtype and model.kernels "auto" taken as bfloat16 and fused (jax.nn.dot_product_attention,
+XLA's attention; the attention check says whether a device compiled it to cuDNN) on every backend, so that a CPU runs the same path; the batches
 are random tokens over --vocab_size (GPT-2's 50,257; nanoGPT and llm.c pad it to 50,304).
 In order, it
 

@@ -88,7 +88,8 @@ def _value_and_grads(attention: Callable, dtype: str, q_BTHK, k_BTHK, v_BTHK, co
         return (y, *vjp(cotangent))
 
     lowered = jax.jit(value_and_grads).lower(q_BTHK, k_BTHK, v_BTHK, cotangent_BTHK)
-    # jax.nn.dot_product_attention picks cuDNN while tracing: the lowered program names it.
+    # A cuDNN attention would be named in the lowered program (jax 0.10 picks XLA's unless
+    # asked for implementation="cudnn").
     return lowered.compile()(q_BTHK, k_BTHK, v_BTHK, cotangent_BTHK), lowered.as_text()
 
 

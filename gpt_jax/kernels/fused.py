@@ -1,7 +1,8 @@
 """Kernels for GPUs and TPUs: jax.nn.dot_product_attention; the rest is the reference's.
 
-The fused op (cuDNN flash attention on GPUs, XLA's on TPUs) keeps softmax statistics in
-float32 and never materialises the (T, T) scores. It has no attention dropout, so with
+The op is XLA's attention (jax 0.10 runs cuDNN's flash attention only when asked with
+implementation="cudnn", which this set does not do yet; benchmarks/attention_check.py reports
+which one a device compiled to). It has no attention dropout, so with
 dropout on, attention falls back to the written-out reference.
 """
 

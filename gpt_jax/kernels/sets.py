@@ -7,7 +7,7 @@ A kernel set is a handful of functions with plain signatures (see `Kernels`). Th
   cpu        the same numbers, faster on XLA:CPU (see cpu.py): a Dense weight gradient taken the
              fast way round, matmuls on the (B*T, D) matrix view, blocked causal attention in
              batch halves, dropout masks from a fused Threefry (bit for bit jax.random's).
-  fused      jax.nn.dot_product_attention (cuDNN flash attention on GPUs); the rest reference.
+  fused      jax.nn.dot_product_attention (XLA's attention; see fused.py); the rest reference.
 
 `model.kernels` picks one; a run resolves `auto` once, with the compute dtype, in
 config.resolve_backend_fields: cpu on XLA:CPU, fused on GPUs and TPUs. (A GPTConfig built
