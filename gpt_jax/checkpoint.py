@@ -189,7 +189,8 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state):
 
 
 # Model fields that may change between runs of one out_dir: the parameters stay the same.
-FREE_MODEL_FIELDS = ("dropout", "dtype", "kernels", "attention")
+# scan_layers changes the parameters' layout, not their values: a restore converts them.
+FREE_MODEL_FIELDS = ("dropout", "dtype", "kernels", "attention", "remat", "scan_layers")
 
 
 def check_compatible(config, saved: tuple[dict, dict], tokenizer_table: dict) -> None:

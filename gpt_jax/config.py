@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache: a rerun of the same config skips compiling.
     # Empty: <cache root>/jax_compile (see data.cache_dir).
     c.compile_cache_dir = ""
+    # Steps "A:B" (A < B) whose execution is captured with jax.profiler into out_dir/profile/
+    # (TensorBoard's profile tab, or Perfetto): steps A+1 .. B. Empty: no profile.
+    c.profile_steps = ""
 
     # Linear warmup, then lr_schedule: cosine (decay to min_lr at decay_steps, 0: max_steps),
     # wsd (constant, then down to min_lr over the last decay_fraction of decay_steps, along
@@ -97,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     # cross <|endoftext|> within a row (sets model.doc_sep to its id).
     c.data.align = "none"
     c.data.doc_mask = False
+    # Batches built (and put on the devices) ahead of the step that needs them, by a
+    # background thread; still a pure function of (seed, step). 0: built between steps.
+    c.data.prefetch = 2
 
     c.model = ml_collections.ConfigDict()
     c.model.block_size = 1024
@@ -137,6 +143,12 @@ def base_config() -> ml_collections.ConfigDict:
     # (None: off).
     c.model.doc_sep = ml_collections.config_dict.placeholder(int)
     c.model.dtype = "auto"  # compute dtype: auto is bfloat16 on GPU/TPU, float32 on CPU
+    # The blocks as one nn.scan over parameters stacked along a layer axis ("h"): compile
+    # time stops growing with n_layer. Checkpoints of either layout load in the other.
+    c.model.scan_layers = False
+    # Rematerialisation of each block's activations in the backward pass: none | block (keep
+    # only each block's input) | dots (keep the matmul outputs without a batch dimension).
+    c.model.remat = "none"
     return c
 
 

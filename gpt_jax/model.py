@@ -16,6 +16,7 @@ POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORM_POSITIONS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
+REMATS = ("none", "block", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,14 @@ class GPTConfig:
     # and attention never crosses into an earlier one (a block-diagonal causal mask, as
     # modded-nanogpt's). None: one causal mask over the whole row. Set by data.doc_mask.
     doc_sep: int | None = None
+    # How the blocks are laid out and differentiated; neither changes what the model computes.
+    # scan_layers: one nn.scan over the blocks, their parameters stacked along a leading layer
+    # axis under "h" (see stack_layers); False: h_0 ... h_{n_layer - 1}, one module each.
+    scan_layers: bool = False
+    # none | block: each block's activations recomputed in the backward pass (jax.checkpoint,
+    # nothing saved) | dots: the matmul outputs without a batch dimension saved, the rest
+    # recomputed.
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -101,7 +110,7 @@ class GPTConfig:
                             f"choice), got {self.embed_scale}")
         for name, allowed in (("pos_encoding", POS_ENCODINGS),
                               ("norm_position", NORM_POSITIONS), ("norm", NORMS),
-                              ("activation", ACTIVATIONS),
+                              ("activation", ACTIVATIONS), ("remat", REMATS),
                               ("kernels", kernels.KERNEL_SETS),
                               ("attention", kernels.ATTENTIONS)):
             if getattr(self, name) not in allowed:
@@ -151,7 +160,7 @@ def kernels_of(config: GPTConfig) -> kernels.Kernels:
 LEGACY_FIELDS = {"embed_scale": 1.0, "final_norm": True, "rope_theta": 10000.0,
                  "norm": "layernorm", "norm_eps": 1e-5, "mlp_hidden": None, "qk_norm": False,
                  "n_kv_head": None, "logit_softcap": 0.0, "zero_init_proj": False,
-                 "doc_sep": None}
+                 "doc_sep": None, "scan_layers": False, "remat": "none"}
 
 
 def saved_model_fields(model: dict) -> dict:
