@@ -5,17 +5,27 @@ model's hyperparameters and the tokenizer table, so sampling needs nothing else.
 """
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gpt_jax import data
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
-from gpt_jax.model import GPTConfig, abstract_params, effective_fields, saved_model_fields
+from gpt_jax.model import (
+    STACKED,
+    GPTConfig,
+    abstract_params,
+    effective_fields,
+    saved_model_fields,
+    to_layout,
+)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -54,12 +64,43 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state):
 
     Raises DamagedCheckpoint when the step's files are missing or corrupt.
     """
+    saved, wanted = _layouts(manager, step, abstract_state)
+    target = abstract_state if saved == wanted else _replicated(
+        jax.eval_shape(functools.partial(to_layout, config=saved), abstract_state),
+        abstract_state)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+            state=ocp.args.StandardRestore(target))).state
     except Exception as err:  # noqa: BLE001 (orbax raises many types for a damaged tree)
         raise DamagedCheckpoint(_first_line(err)) from None
-    return restored.state
+    if saved == wanted:
+        return restored
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    with_shardings = all(s is not None for s in jax.tree.leaves(shardings))
+    return jax.jit(functools.partial(to_layout, config=wanted),
+                   out_shardings=shardings if with_shardings else None)(restored)
+
+
+def _layouts(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """Returns (the saved layout, the wanted one) of a train state's parameters: GPTConfigs
+    differing at most in scan_layers (see model.to_layout)."""
+    model = saved_model_fields(read_metadata(manager, step)[0].get("model", {}))
+    saved = GPTConfig(vocab_size=1, n_layer=model.get("n_layer", 12),
+                      scan_layers=bool(model["scan_layers"]))
+    return saved, dataclasses.replace(saved, scan_layers=STACKED in abstract_state.params)
+
+
+def _replicated(abstract, like):
+    """Returns `abstract` with each leaf replicated over the mesh `like`'s leaves lie on (a
+    checkpoint of the other layout is restored whole, then converted into place)."""
+    placed = [x.sharding for x in jax.tree.leaves(like) if x.sharding is not None]
+    if not placed:
+        return abstract
+    everywhere = placed[0]
+    if isinstance(everywhere, NamedSharding):
+        everywhere = NamedSharding(everywhere.mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere),
+                        abstract)
 
 
 def set_aside(manager: ocp.CheckpointManager, step: int) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 from gpt_jax import data, hf_llama
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
-from gpt_jax.model import GPTConfig, abstract_params, saved_model_fields
+from gpt_jax.model import GPTConfig, abstract_params, saved_model_fields, to_layout
 
 # The published GPT-2 sizes: hub name -> (n_layer, n_head, n_embd); all use context 1024.
 GPT2_SIZES = {
@@ -358,6 +358,9 @@ def write(directory: Path, params: dict, config: GPTConfig) -> str:
     when GPT-2 cannot express the model, into `directory`; returns the class written."""
     from safetensors.numpy import save_file
 
+    # Both formats name each layer's tensors: the blocks unstacked from scan_layers.
+    config = dataclasses.replace(config, scan_layers=False)
+    params = to_layout(params, config)
     architecture = export_architecture(config)
     if architecture == hf_llama.ARCHITECTURE:
         # A GPT-2-sized vocabulary is GPT-2's BPE, which ends a text with <|endoftext|>.

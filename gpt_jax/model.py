@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax.linen.dtypes import promote_dtype
 
 from gpt_jax.errors import UserError
@@ -365,10 +366,15 @@ class Block(nn.Module):
     ln is model.norm: LayerNorm or RMSNorm."""
 
     config: GPTConfig
+    scan_body: bool = False  # return (x, None), the carry and outputs of nn.scan's body
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
-                 positions_BT: jax.Array | None = None, documents=None) -> jax.Array:
+                 positions_BT: jax.Array | None = None, documents=None):
+        x_BTD = self._residual(x_BTD, deterministic, positions_BT, documents)
+        return (x_BTD, None) if self.scan_body else x_BTD
+
+    def _residual(self, x_BTD, deterministic, positions_BT, documents) -> jax.Array:
         cfg = self.config
         attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
         ln_1, ln_2 = _norm(cfg, "ln_1"), _norm(cfg, "ln_2")
@@ -380,6 +386,32 @@ class Block(nn.Module):
         x_BTD = x_BTD + attn(h_BTD, deterministic, positions_BT, documents)
         h_BTD = ln_2(x_BTD).astype(cfg.compute_dtype)
         return x_BTD + mlp(h_BTD, deterministic)
+
+
+STACKED = "h"  # the blocks' parameters (and caches) under scan_layers, layer axis first
+
+# model.remat's policies: what each block keeps for the backward pass (jax.checkpoint).
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,  # its input alone
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # and its matmul outputs
+}
+
+
+def _blocks(config: GPTConfig) -> type[nn.Module]:
+    """Returns the block module as the stack applies it: Block, rematerialised under
+    config.remat, and scanned over the layers under config.scan_layers (one body compiled once,
+    parameters and caches stacked along a leading layer axis; every layer its own dropout)."""
+    block = Block
+    if config.remat != "none":
+        # deterministic (argument 2, counting self) is a Python bool: static.
+        block = nn.remat(block, policy=_REMAT_POLICIES[config.remat], static_argnums=(2,),
+                         prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        block = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=config.n_layer)
+    return block
 
 
 class GPT(nn.Module):
@@ -435,8 +467,13 @@ class GPT(nn.Module):
         else:
             x_BTD = x_BTD + wpe_SD[:T]
         x_BTD = Dropout(cfg)(x_BTD, deterministic)
-        for i in range(cfg.n_layer):
-            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT, documents)
+        if cfg.scan_layers:
+            x_BTD, _ = _blocks(cfg)(cfg, scan_body=True, name=STACKED)(
+                x_BTD, deterministic, positions_BT, documents)
+        else:
+            for i in range(cfg.n_layer):
+                x_BTD = _blocks(cfg)(cfg, name=f"h_{i}")(x_BTD, deterministic, positions_BT,
+                                                         documents)
         if cfg.has_final_norm:
             x_BTD = _norm(cfg, "ln_f")(x_BTD)
         x_BTD = x_BTD.astype(cfg.compute_dtype)
@@ -467,15 +504,61 @@ class GPT(nn.Module):
 
 
 def init_params(config: GPTConfig, rng: jax.Array):
-    """Returns freshly initialised parameters (GPT-2 initialisation) for `config`."""
-    dummy_BT = jnp.zeros((1, config.block_size), dtype=jnp.int32)
-    return jax.jit(lambda key: GPT(config).init(key, dummy_BT)["params"])(rng)
+    """Returns freshly initialised parameters (GPT-2 initialisation) for `config`: the same
+    values in either layout, drawn per layer as the unrolled model draws them."""
+    unrolled = dataclasses.replace(config, scan_layers=False, remat="none")
+    dummy_11 = jnp.zeros((1, 1), dtype=jnp.int32)  # parameter shapes do not depend on length
+    return jax.jit(lambda key: to_layout(GPT(unrolled).init(key, dummy_11)["params"],
+                                         config))(rng)
 
 
-def _positions_axis(x) -> int | None:
-    """Returns the positions axis of a cache array: keys and values are (B, N, S, K), document
-    numbers (B, S); the index, (B,), has none."""
-    return {4: 2, 2: 1}.get(len(x.shape))
+def _is_params(tree) -> bool:
+    # A parameter tree, or one shaped like it inside an optimizer state (AdamW's moments).
+    return isinstance(tree, dict) and "wte" in tree
+
+
+def to_layout(tree, config: GPTConfig):
+    """Returns `tree` (parameters, or a train or optimizer state holding trees shaped like
+    them) with every parameter tree in config's layout: the blocks under h_0 ... h_{L-1}, or
+    with scan_layers stacked along a leading layer axis under "h". The values are the same."""
+    names = [f"h_{i}" for i in range(config.n_layer)]
+
+    def convert(params):
+        if config.scan_layers and STACKED not in params:
+            layers = [params[name] for name in names]
+            rest = {k: v for k, v in params.items() if k not in names}
+            return {**rest, STACKED: jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+        if not config.scan_layers and STACKED in params:
+            rest = {k: v for k, v in params.items() if k != STACKED}
+            layers = {name: jax.tree.map(lambda x, i=i: x[i], params[STACKED])
+                      for i, name in enumerate(names)}
+            return {**rest, **layers}
+        return params
+
+    return jax.tree.map(lambda t: convert(t) if _is_params(t) else t, tree, is_leaf=_is_params)
+
+
+def layer_norms(params) -> dict[str, jax.Array]:
+    """Returns the L2 norm of each top-level entry of a parameter tree (wte, h_0, ..., ln_f),
+    the stacked blocks of scan_layers counted layer by layer as h_0, h_1, ..."""
+    out = {}
+    for name, sub in params.items():
+        if name != STACKED:
+            out[name] = optax.tree.norm(sub)
+            continue
+        squares_L = sum(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1)
+                        for x in jax.tree.leaves(sub))
+        out.update({f"h_{i}": jnp.sqrt(squares_L[i]) for i in range(squares_L.shape[0])})
+    return out
+
+
+def _positions_axis(path, x) -> int | None:
+    """Returns the positions axis of a cache array: keys and values are (B, N, S, K) (with
+    scan_layers, (L, B, N, S, K)), document numbers (B, S); the index, (B,), has none."""
+    name = getattr(path[-1], "key", None)
+    if name in ("cached_key", "cached_value"):
+        return len(x.shape) - 2
+    return 1 if name == "segment" else None
 
 
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
@@ -486,27 +569,27 @@ def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
         lambda: GPT(config).init(jax.random.PRNGKey(0), dummy_B1, decode=True)["cache"])
     length = config.block_size if length is None else length
 
-    def empty(s):
+    def empty(path, s):
         shape = list(s.shape)
-        if (axis := _positions_axis(s)) is not None:
+        if (axis := _positions_axis(path, s)) is not None:
             shape[axis] = length
         return jnp.zeros(shape, s.dtype)
 
-    return jax.tree.map(empty, shapes)
+    return jax.tree_util.tree_map_with_path(empty, shapes)
 
 
 def grow_cache(cache, length: int):
     """Returns the cache with room for `length` positions: empty ones appended to each array
     that has a positions axis; the index stays."""
-    def pad(x):
-        axis = _positions_axis(x)
+    def pad(path, x):
+        axis = _positions_axis(path, x)
         if axis is None:
             return x
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, length - x.shape[axis])
         return jnp.pad(x, widths)
 
-    return jax.tree.map(pad, cache)
+    return jax.tree_util.tree_map_with_path(pad, cache)
 
 
 def abstract_params(config: GPTConfig):

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gpt_jax.model import STACKED
+
 
 def decay_steps(config) -> int:
     """Returns the step at which the cosine reaches min_lr: decay_steps, or 0 for max_steps."""
@@ -64,7 +66,8 @@ def lr_schedule(config) -> optax.Schedule:
                                      optax.constant_schedule(peak), cooldown],
                                     [warmup, start])
     if kind == "inverse_sqrt":
-        decay = lambda count: peak * jnp.sqrt(warmup / jnp.maximum(count + warmup, 1))
+        def decay(count):
+            return peak * jnp.sqrt(warmup / jnp.maximum(count + warmup, 1))
     else:
         decay = optax.constant_schedule(peak)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -75,9 +78,15 @@ _DECAY_SHAPES = {"linear": lambda t: 1.0 - t, "1-sqrt": lambda t: 1.0 - jnp.sqrt
 DECAY_SHAPES = tuple(_DECAY_SHAPES)
 
 
+def _matrix_ndim(path, p) -> int:
+    # The dimensions of one layer's parameter: a stacked block's (scan_layers) lead with the
+    # layer axis, which is not one of them.
+    return p.ndim - (getattr(path[0], "key", None) == STACKED)
+
+
 def decay_mask(params):
     """Returns True for parameters of two or more dimensions (matrices, embeddings)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    return jax.tree_util.tree_map_with_path(lambda path, p: _matrix_ndim(path, p) >= 2, params)
 
 
 def muon_mask(params):
@@ -89,8 +98,17 @@ def muon_mask(params):
     """
     def hidden(path, p) -> bool:
         names = [getattr(k, "key", None) for k in path]
-        return p.ndim == 2 and names[-1] == "kernel" and str(names[0]).startswith("h_")
+        return (_matrix_ndim(path, p) == 2 and names[-1] == "kernel"
+                and (names[0] == STACKED or str(names[0]).startswith("h_")))
     return jax.tree_util.tree_map_with_path(hidden, params)
+
+
+def _muon_dimensions(params):
+    """Returns each matrix's Muon dimension numbers: rows reduced, columns out, and a stacked
+    block's layer axis (scan_layers) a batch axis, so each layer is orthogonalised alone."""
+    def numbers(p):
+        return optax.contrib.MuonDimensionNumbers(p.ndim - 2, p.ndim - 1)
+    return jax.tree.map(numbers, params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -114,7 +132,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
         ratio = config.muon_lr / config.learning_rate
         muon = optax.contrib.muon(learning_rate=lambda count: ratio * schedule(count + 1),
                                   beta=config.muon_momentum, nesterov=True,
-                                  weight_decay=config.muon_weight_decay)
+                                  weight_decay=config.muon_weight_decay,
+                                  muon_weight_dimension_numbers=_muon_dimensions)
         labels = lambda params: jax.tree.map(  # noqa: E731
             lambda m: "muon" if m else "adamw", muon_mask(params))
         tx = optax.partition({"muon": muon, "adamw": adamw}, labels)

@@ -20,7 +20,7 @@ from gpt_jax import config as config_lib
 from gpt_jax.errors import UserError
 from gpt_jax.loop import Loop, StepPacer, StopRequests
 from gpt_jax.metrics import log, warn
-from gpt_jax.model import GPT, GPTConfig, init_params, size_report
+from gpt_jax.model import GPT, GPTConfig, init_params, layer_norms, size_report, to_layout
 
 PyTree = Any
 
@@ -111,9 +111,10 @@ def _local_value_and_grad(params_local, batch_local, rng, *, specs, model, mesh,
 
 
 def norms(prefix: str, tree: PyTree) -> dict[str, jax.Array]:
-    """Returns the global L2 norm of `tree` and of each top-level layer (wte, h_0, ..., ln_f)."""
+    """Returns the global L2 norm of `tree` and of each top-level layer (wte, h_0, ..., ln_f;
+    stacked blocks layer by layer)."""
     out = {prefix: optax.tree.norm(tree)}
-    out.update({f"{prefix}/{name}": optax.tree.norm(sub) for name, sub in tree.items()})
+    out.update({f"{prefix}/{name}": norm for name, norm in layer_norms(tree).items()})
     return out
 
 
@@ -241,6 +242,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     init = functools.partial(init_train_state, model_cfg, tx)  # init(seed, params=None)
     shardings = None if lanes.vmapped else sharding.tree_shardings(
         jax.eval_shape(init, config.seed), mesh)
+    if pretrained is not None:  # imported layer by layer
+        pretrained = to_layout(pretrained, model_cfg)
     start, state = lanes.initial_state(init, shardings, resume, pretrained)
     log(sharding.memory_report(state, mesh))
     start = int(start or 0)
