@@ -561,6 +561,19 @@ def _positions_axis(path, x) -> int | None:
     return 1 if name == "segment" else None
 
 
+def cache_batch_axis(path) -> int:
+    """Returns the rows axis of the cache array at `path`: 1 in the stacked blocks of
+    scan_layers (their layer axis leads), else 0."""
+    return 1 if getattr(path[0], "key", None) == STACKED else 0
+
+
+def cache_length(cache) -> int:
+    """Returns the positions a decode cache holds."""
+    with_positions = [x.shape[axis] for path, x in jax.tree_util.tree_leaves_with_path(cache)
+                      if (axis := _positions_axis(path, x)) is not None]
+    return with_positions[0]
+
+
 def init_cache(config: GPTConfig, batch_size: int, length: int | None = None):
     """Returns an empty decode cache: per-layer keys and values for `length` positions
     (default block_size; positions past it are dropped), and each row's length (0)."""

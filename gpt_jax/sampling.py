@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt_jax.errors import UserError
-from gpt_jax.model import GPT, GPTConfig, grow_cache, init_cache
+from gpt_jax.model import GPT, GPTConfig, cache_batch_axis, cache_length, grow_cache, init_cache
 
 PyTree = Any
 MIN_BUCKET = 16
@@ -138,11 +138,6 @@ def cache_lengths(bucket: int, max_new_tokens: int, block_size: int) -> tuple[in
     return tuple(lengths)
 
 
-def cache_length(cache: PyTree) -> int:
-    """Returns the positions a decode cache holds (its keys' third axis)."""
-    return next(x.shape[2] for x in jax.tree.leaves(cache) if x.ndim == 4)
-
-
 @functools.cache
 def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
     """Returns the pure functions shared by the compiled loop and streaming:
@@ -191,10 +186,13 @@ def _decoder(config: GPTConfig, top_k: int | None, nucleus: bool, keep: int):
         cache = {**state.cache, "index": jnp.zeros(B, jnp.int32)}
         if keep > 1:
             cache = extend(params, cache, kept_BK)[1]
-        def pick(new, old):
-            return jnp.where(full_B.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+        def pick(path, new, old):  # the new rows where full_B, along each array's rows axis
+            shape = [1] * new.ndim
+            shape[cache_batch_axis(path)] = B
+            return jnp.where(full_B.reshape(shape), new, old)
 
-        cache, context_BS = jax.tree.map(pick, (cache, context_BS), (state.cache, state.context_BS))
+        cache = jax.tree_util.tree_map_with_path(pick, cache, state.cache)
+        context_BS = jnp.where(full_B[:, None], context_BS, state.context_BS)
         return state._replace(cache=cache, context_BS=context_BS)
 
     return prefill, decode, grow, slide
