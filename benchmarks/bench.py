@@ -31,6 +31,16 @@ parameters, median ms/step, tokens/s and tokens/s relative to the first variant,
 
     python benchmarks/bench.py --config configs/shakespeare_cpu.py --mode variants \
         --variant= --variant=model.pos_encoding=rope --variant=optimizer=muon
+
+--mode compile compiles the train step of each --variant (as --mode variants names them) from
+the shapes of its state and batch alone, allocating nothing, --rounds times in rotating order,
+and prints per variant the median compile seconds and XLA's memory analysis of the compiled
+step: temporaries (activations and workspace), arguments (state and batch) and outputs, e.g.
+GPT-2 XL's compile time with the layers unrolled and scanned, on a host too small to train it:
+
+    python benchmarks/bench.py --config configs/gpt2.py --mode compile --rounds 1 \
+        --config.model.n_layer=48 --config.model.n_head=25 --config.model.n_embd=1600 \
+        --config.batch_size=1 --variant= --variant=model.scan_layers=True
 """
 
 import copy
@@ -53,7 +63,7 @@ from gpt_jax import config as config_lib  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 from gpt_jax.model import count_params, init_params  # noqa: E402
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt", "variants"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "nanogpt", "variants", "compile"],
                           "What to time.")
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "--mode variants: FIELD=VALUE overrides "
                                       "(space-separated; empty: the config as it is).")
@@ -87,6 +97,8 @@ def bench(argv: list[str]) -> None:
         bench_nanogpt(config)  # a UserError without torch
     elif _MODE.value == "variants":
         bench_variants(config, _VARIANTS.value or [""])
+    elif _MODE.value == "compile":
+        bench_compile(config, _VARIANTS.value or [""])
     else:
         bench_train(config)
 
@@ -171,10 +183,7 @@ def bench_variants(config, variants: list[str]) -> None:
 
     runs = []
     for name, overrides in sweep.plan([], variants):
-        variant = copy.deepcopy(config)
-        for field, value in overrides:
-            sweep.apply_override(variant, field, value)
-        setup = _train_setup(variant)
+        setup = _train_setup(_variant(config, overrides))
         runs.append((name,
                      harness.TimedLoop(setup.step, setup.state, setup.batches),
                      count_params(setup.model_cfg)["total"], []))
@@ -193,6 +202,38 @@ def bench_variants(config, variants: list[str]) -> None:
         ms = float(np.median(times))
         print(f"variant={name} params={n_params} ms_per_step={ms:.2f} "
               f"tokens_per_sec={tokens_per_step / ms * 1000:.0f} relative={base / ms:.3f}")
+
+
+def bench_compile(config, variants: list[str]) -> None:
+    from gpt_jax import sweep
+
+    plan = [(name, _variant(config, overrides)) for name, overrides in sweep.plan([], variants)]
+    seconds, plans = {name: [] for name, _ in plan}, {}
+    for r in range(_ROUNDS.value):
+        for k in range(len(plan)):  # rotated, as in --mode variants
+            name, variant = plan[(r + k) % len(plan)]
+            compiled, compile_s = harness.compile_abstract(variant, _VOCAB.value)
+            seconds[name].append(compile_s)
+            plans[name] = compiled.memory_analysis()
+            del compiled
+        print(f"round {r + 1}: " + " | ".join(f"{name} {times[-1]:.2f} s"
+                                              for name, times in seconds.items()), flush=True)
+    print(f"median over {_ROUNDS.value} rounds ({jax.default_backend()}):")
+    for name, times in seconds.items():
+        mib = {} if plans[name] is None else {
+            key: getattr(plans[name], f"{key}_size_in_bytes") / 2**20
+            for key in ("temp", "argument", "output")}
+        print(f"variant={name} compile_s={float(np.median(times)):.2f} "
+              + " ".join(f"{key}_mib={value:.1f}" for key, value in mib.items()))
+
+
+def _variant(config, overrides):
+    from gpt_jax import sweep
+
+    variant = copy.deepcopy(config)
+    for field, value in overrides:
+        sweep.apply_override(variant, field, value)
+    return variant
 
 
 def bench_sample(config, batch_sizes: list[int]) -> None:

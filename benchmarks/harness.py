@@ -59,6 +59,27 @@ def train_setup(config, vocab_size: int) -> TrainSetup:
                       metrics.peak_flops(mesh.devices.flat))
 
 
+def compile_abstract(config, vocab_size: int):
+    """Returns (the config's train step compiled over its mesh, seconds to trace, lower and
+    compile it) from the shapes of its state and batch alone: nothing is allocated, so a model
+    too large for this host's memory compiles too (its memory_analysis() says what it would
+    need)."""
+    config_lib.validate(config)
+    model_cfg = config_lib.model_config(config, vocab_size)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, config.grad_accum_steps, mesh)
+    tx = optim.make_optimizer(config)
+    init, shardings = trainer.sharded_init(model_cfg, tx, config.seed, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         jax.eval_shape(init), shardings)
+    tokens = jax.ShapeDtypeStruct((config.batch_size, model_cfg.block_size), np.int32,
+                                  sharding=sharding.batch_sharding(mesh))
+    t0 = time.perf_counter()
+    step = trainer.make_train_step(GPT(model_cfg), tx, config.grad_accum_steps, mesh, shardings,
+                                   grad_clip=config.grad_clip).lower(state, (tokens, tokens))
+    return step.compile(), time.perf_counter() - t0
+
+
 def mesh_line(mesh: Mesh) -> str:
     """Returns `backend: gpu (8 device(s): data=2 x fsdp=4)`."""
     return (f"backend: {jax.default_backend()} ({mesh.size} device(s): "

@@ -247,6 +247,18 @@ def test_bench_variants_mode_times_each_variant_against_the_first():
                         lines[-1]), lines[-1]
 
 
+def test_bench_compile_mode_reports_compile_seconds_and_xla_memory_per_variant():
+    result = run_cli(BENCH, "--config", CPU, "--mode", "compile", "--rounds", "1",
+                     "--config.model.n_layer=2", "--config.model.n_embd=32",
+                     "--config.model.n_head=2", "--config.batch_size=4", "--variant=",
+                     "--variant=model.scan_layers=True model.remat=block")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    figures = r"compile_s=[\d.]+ temp_mib=[\d.]+ argument_mib=[\d.]+ output_mib=[\d.]+"
+    assert re.fullmatch(r"variant=baseline " + figures, lines[-2]), lines[-2]
+    assert re.fullmatch(r"variant=scan_layers=True__remat=block " + figures, lines[-1]), lines[-1]
+
+
 def test_vs_transformers_checks_the_tokens_and_ends_each_batch_with_the_ratio():
     from conftest import require_parity_libs
 
@@ -298,8 +310,8 @@ def test_a_bad_value_for_a_script_flag_names_that_flag_not_the_config():
     result = run_cli(BENCH, "--config", CPU, "--mode", "bogus")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: bad value for --mode: value should be one of <train|sample|nanogpt|variants> "
-        "(--help lists the flags)")
+        "error: bad value for --mode: value should be one of "
+        "<train|sample|nanogpt|variants|compile> (--help lists the flags)")
 
 
 def test_bench_sample_mode_ends_with_the_speedup():
