@@ -4,7 +4,8 @@
 
 The model is configs/gpt2.py's (or --config FILE's) at its block_size (1024), with
 model.dtype and model.kernels "auto" taken as bfloat16 and fused (jax.nn.dot_product_attention,
-XLA's attention; the attention check says whether a device compiled it to cuDNN) on every backend, so that a CPU runs the same path; the batches
+XLA's attention; the attention check says whether a device compiled it to cuDNN) on every
+backend, so that a CPU runs the same path; the batches
 are random tokens over --vocab_size (GPT-2's 50,257; nanoGPT and llm.c pad it to 50,304).
 In order, it
 
@@ -22,7 +23,12 @@ In order, it
   5. samples --new_tokens tokens after a --prompt_tokens prompt with the KV cache from the
      trained parameters at each of --sample_batch_sizes, printing compile seconds, first-token
      latency and tokens/s;
-  6. prints the targets beside the figures on an accelerator (one H100/H200: MFU >= 45%,
+  6. for each model of --layer_models (the config's own, "config", and published GPT-2 sizes
+     such as gpt2-medium) trains the same micro-batch and accumulation unrolled and then
+     scanned (model.scan_layers) under each --remat_policies policy: a line each with compile
+     seconds, ms/step, MFU and XLA's temporaries (the step's activations and workspace), or
+     "out of memory";
+  7. prints the targets beside the figures on an accelerator (one H100/H200: MFU >= 45%,
      compile < 60 s; informational), then one line
 
     accelerator: micro_batch=N grad_accum_steps=N compile_s=N ms_per_step=N tokens_per_sec=N
@@ -34,7 +40,7 @@ It exits 1 when the attention check fails. A tiny run on a CPU (what the tests r
     python benchmarks/accelerator.py --steps 3 --warmup 1 --tokens_per_step 512 \
         --max_batch 8 --vocab_size 65 --new_tokens 8 --prompt_tokens 8 \
         --config.model.n_layer=1 --config.model.n_embd=32 --config.model.n_head=2 \
-        --config.model.block_size=32
+        --config.model.block_size=32 --layer_models=config
 """
 
 import copy
@@ -50,10 +56,10 @@ import jax  # noqa: E402 (after the path: gpt_jax may not be installed)
 from absl import flags  # noqa: E402
 
 from benchmarks import attention_check, batch_search, harness  # noqa: E402
-from gpt_jax import cli, entry, metrics, sharding  # noqa: E402
+from gpt_jax import cli, entry, hf, metrics, sharding  # noqa: E402
 from gpt_jax import config as config_lib  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
-from gpt_jax.model import count_params  # noqa: E402
+from gpt_jax.model import REMATS, count_params  # noqa: E402
 
 DEFAULT_CONFIG = str(REPO / "configs" / "gpt2.py")
 # On one H100/H200 (the issue's): llm.c reports about 60% MFU for GPT-2 124M on A100s.
@@ -70,6 +76,12 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 500, "Tokens sampled per row.")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 64, "Prompt length when sampling.")
 _SAMPLE_BATCHES = flags.DEFINE_list("sample_batch_sizes", ["1", "16"],
                                     "Batch sizes sampled at.")
+_LAYER_MODELS = flags.DEFINE_list(
+    "layer_models", ["config", "gpt2-medium"], "Models whose train step is timed unrolled and "
+    "under each --remat_policies policy scanned: config (the config's model) or a GPT-2 size.")
+_REMAT_POLICIES = flags.DEFINE_list("remat_policies", ["none", "dots", "block"],
+                                    "model.remat policies timed with model.scan_layers.")
+_LAYER_STEPS = flags.DEFINE_integer("layer_steps", 5, "Timed steps of each layout.")
 
 
 def benchmark(argv: list[str]) -> None:
@@ -94,10 +106,15 @@ def benchmark(argv: list[str]) -> None:
     print(f"sampling: {_NEW_TOKENS.value} new tokens after a {_PROMPT_TOKENS.value}-token "
           "prompt, KV cache, the trained parameters, temperature 0.8, top_k 200")
     sampled = {b: _sample(loop.state.params, setup.model_cfg, b) for b in sample_batches}
+    compile_s = setup.compile_s
+    del setup, loop  # the main run's state, before each layout builds its own
+    gc.collect()
+    for model in _LAYER_MODELS.value:
+        _time_layouts(config, model, micro, accum)
 
-    _print_targets(train["mfu"], setup.compile_s)
+    _print_targets(train["mfu"], compile_s)
     print("accelerator: " + " ".join(
-        [f"micro_batch={micro} grad_accum_steps={accum} compile_s={setup.compile_s:.2f}",
+        [f"micro_batch={micro} grad_accum_steps={accum} compile_s={compile_s:.2f}",
          f"ms_per_step={train['ms_per_step']:.2f} tokens_per_sec={train['tokens_per_sec']:.0f}",
          f"mfu={train['mfu']:.4f} peak_mem_gib={train['peak_mem_gib']}",
          f"attention_max_diff={check.max_diff:.5f} attention={'PASS' if check.passed else 'FAIL'}",
@@ -127,11 +144,18 @@ def accelerator_defaults(config):
 def _check_flags() -> list[int]:
     """Raises UserError for a flag that cannot work; returns the sampling batch sizes."""
     for flag in (_STEPS, _TOKENS, _MAX_BATCH, _VOCAB, _ATTENTION_BATCH, _NEW_TOKENS,
-                 _PROMPT_TOKENS):
+                 _PROMPT_TOKENS, _LAYER_STEPS):
         if flag.value < 1:
             raise UserError(f"--{flag.name} must be at least 1, got {flag.value}")
     if _WARMUP.value < 0:
         raise UserError(f"--warmup must be >= 0, got {_WARMUP.value}")
+    for model in _LAYER_MODELS.value:
+        if model != "config":
+            hf.gpt2_model_fields(model)  # a UserError naming the sizes
+    for policy in _REMAT_POLICIES.value:
+        if policy not in REMATS:
+            raise UserError(f"--remat_policies: {policy!r} is no model.remat policy: use "
+                            f"{', '.join(REMATS)}")
     batches = [int(b) for b in _SAMPLE_BATCHES.value if b.isdigit() and int(b) > 0]
     if not batches or len(batches) < len(_SAMPLE_BATCHES.value):
         raise UserError(f"--sample_batch_sizes must be positive integers, got "
@@ -197,6 +221,40 @@ def _train(setup: harness.TrainSetup, loop: harness.TimedLoop, batch_size: int,
               f"state and batch + {plan.temp_size_in_bytes / 2**30:.3f} GiB temporaries")
     return {"ms_per_step": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu,
             "peak_mem_gib": "n/a" if peak_gib is None else f"{peak_gib:.2f}"}
+
+
+def _time_layouts(config, model: str, micro: int, accum: int) -> None:
+    """Trains `model` at the main run's batch unrolled, then scanned under each remat policy;
+    prints a line per layout (compile, ms/step, MFU, XLA's temporaries) or that it ran out of
+    memory."""
+    layouts = [("unrolled", False, "none")] + [(f"scanned remat={p}", True, p)
+                                                for p in _REMAT_POLICIES.value]
+    for name, scan_layers, remat in layouts:
+        trial = copy.deepcopy(config)
+        if model != "config":
+            trial.model.update(hf.gpt2_model_fields(model))
+        trial.batch_size, trial.grad_accum_steps = micro * accum, accum
+        trial.model.scan_layers, trial.model.remat = scan_layers, remat
+        try:
+            setup = harness.train_setup(trial, _VOCAB.value)
+            loop = harness.TimedLoop(setup.step, setup.state, setup.batches)
+            loop(1)
+            ms = 1000 * loop(_LAYER_STEPS.value) / _LAYER_STEPS.value
+        except jax.errors.JaxRuntimeError as err:
+            if not batch_search.is_out_of_memory(err):
+                raise
+            print(f"layout: model={model} {name}: out of memory", flush=True)
+            gc.collect()
+            continue
+        cfg, (peak, _) = setup.model_cfg, setup.peak
+        tokens_per_step = trial.batch_size * cfg.block_size
+        mfu = tokens_per_step / ms * 1000 * metrics.model_flops_per_token(cfg) / peak
+        plan = setup.step.memory_analysis()
+        temp = "n/a" if plan is None else f"{plan.temp_size_in_bytes / 2**30:.3f}"
+        print(f"layout: model={model} {name}: compile_s={setup.compile_s:.2f} "
+              f"ms_per_step={ms:.2f} mfu={mfu:.4f} temp_gib={temp}", flush=True)
+        del setup, loop
+        gc.collect()
 
 
 def device_memory(devices) -> tuple[float | None, str]:

@@ -14,7 +14,7 @@ SCRIPT = "benchmarks/accelerator.py"
 TINY = ["--steps", "3", "--warmup", "1", "--tokens_per_step", "1024", "--max_batch", "8",
         "--vocab_size", "65", "--new_tokens", "8", "--prompt_tokens", "8",
         "--config.model.n_layer=1", "--config.model.n_embd=32", "--config.model.n_head=2",
-        "--config.model.block_size=32"]
+        "--config.model.block_size=32", "--layer_models=config", "--layer_steps=1"]
 CLOSING_KEYS = ["micro_batch", "grad_accum_steps", "compile_s", "ms_per_step", "tokens_per_sec",
                 "mfu", "peak_mem_gib", "attention_max_diff", "attention",
                 "sample_tokens_per_sec_b1", "sample_tokens_per_sec_b16"]
@@ -99,6 +99,10 @@ def test_the_script_trains_checks_and_samples_on_a_cpu_with_tiny_shapes():
                      r"\(bfloat16\)", out)
     assert len(re.findall(r"^batch (1|16) \| kv cache .* tokens/s$", out, re.M)) == 2
     assert "not judged on cpu" in out
+    layouts = re.findall(r"^layout: model=config (.*): compile_s=[\d.]+ ms_per_step=[\d.]+ "
+                         r"mfu=[\d.]+ temp_gib=[\d.]+$", out, re.M)
+    assert layouts == ["unrolled", "scanned remat=none", "scanned remat=dots",
+                       "scanned remat=block"]
 
     last = out.strip().splitlines()[-1]
     assert last.startswith("accelerator: ")
@@ -117,3 +121,10 @@ def test_the_script_refuses_a_bad_sampling_batch_in_one_line():
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --sample_batch_sizes must be positive integers, got "
                                      "'1,0': e.g. --sample_batch_sizes=1,16")
+
+
+def test_the_script_refuses_an_unknown_remat_policy_in_one_line():
+    result = run_cli(SCRIPT, "--remat_policies=none,full")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --remat_policies: 'full' is no model.remat policy: "
+                                     "use none, block, dots")
