@@ -5,7 +5,7 @@ import importlib.util
 import jax
 import ml_collections
 
-from gpt_jax import data, optim
+from gpt_jax import data, optim, profile
 from gpt_jax.errors import UserError
 from gpt_jax.kernels import sets as kernels
 from gpt_jax.model import GPTConfig
@@ -246,6 +246,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         f"{', '.join(data.ALIGNS)}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}")
+    if config.data.prefetch < 0:
+        raise UserError(f"data.prefetch must be >= 0 (0: each batch built when its step "
+                        f"starts), got {config.data.prefetch}")
+    profile.parse_steps(config.profile_steps, config.max_steps)
     # The model's own checks (sizes, n_embd divisible by n_head, known switches) run here too,
     # before the corpus is read, so that its error is the first one a user sees.
     GPTConfig(vocab_size=1, **config.model.to_dict())

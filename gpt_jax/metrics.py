@@ -385,3 +385,17 @@ def elapsed_before(out_dir, start: int) -> float:
         return 0.0
     times = [r.get("elapsed_s", 0.0) for r in read_records(out_dir) if r["step"] <= start]
     return max(times, default=0.0)
+
+
+def step_memory_report(compiled) -> str | None:
+    """Returns a line of XLA's memory plan for a compiled step: its arguments (state and
+    batch), its temporaries (the activations kept for the backward pass and workspace) and its
+    outputs; None where the backend makes no plan."""
+    plan = compiled.memory_analysis()
+    if plan is None:
+        return None
+    mib = {key: getattr(plan, f"{key}_size_in_bytes") / 2**20
+           for key in ("argument", "temp", "output")}
+    return (f"train step memory (XLA's plan): {mib['argument']:,.1f} MiB state and batch, "
+            f"{mib['temp']:,.1f} MiB temporaries (activations, workspace), "
+            f"{mib['output']:,.1f} MiB outputs")

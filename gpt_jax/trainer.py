@@ -21,6 +21,8 @@ from gpt_jax.errors import UserError
 from gpt_jax.loop import Loop, StepPacer, StopRequests
 from gpt_jax.metrics import log, warn
 from gpt_jax.model import GPT, GPTConfig, init_params, layer_norms, size_report, to_layout
+from gpt_jax.prefetch import Prefetcher
+from gpt_jax.profile import StepProfiler
 
 PyTree = Any
 
@@ -258,13 +260,17 @@ def run(config: ml_collections.ConfigDict) -> dict:
         train_step, model=model, tx=tx, mesh=mesh, grad_accum_steps=config.grad_accum_steps,
         grad_clip=config.grad_clip), (shardings, NamedSharding(mesh, P())))
     compiled = _compile(step_fn, state, lanes.batch(dataset, start, mesh), lanes)
+    if line := metrics.step_memory_report(compiled):
+        log(line)
     flops_per_token, peak = _report_flops(model_cfg, compiled, config, len(lanes), mesh)
     host_memory.release_freed_memory()  # what compiling freed
     loop = Loop(config, lanes, dataset, mesh, start=start, schedule=optim.lr_schedule(config),
                 estimate_loss=functools.partial(estimate_loss, make_eval_step(model, mesh)),
                 tokenizer_table=dataset.tokenizer.to_json(), flops_per_token=flops_per_token,
                 peak=peak, model_config=model_cfg)
-    step = start
+    step, profiler = start, StepProfiler(config)
+    batches = Prefetcher(lambda k: lanes.batch(dataset, k, mesh), start, config.max_steps,
+                         config.data.prefetch)  # step k + 1's batch built while step k runs
     try:
         with StopRequests() as stop:
             loop.begin(state)  # a fresh run evaluates step 0
@@ -272,15 +278,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
             while step < config.max_steps:
                 if stop.signum is not None:
                     loop.stop(state, step, stop.signum)
-                state, step_metrics = compiled(state, lanes.batch(dataset, step, mesh))
+                with profiler.step(step + 1):
+                    state, step_metrics = compiled(state, batches.get(step))
                 pace(step_metrics)
                 step += 1
+                profiler.done(step, step_metrics)
                 if step % config.checkpoint_interval == 0 or step == config.max_steps:
                     loop.save(state, step)
                 if step % config.log_interval == 0 or step in loop.eval_steps:
                     loop.record(state, step_metrics, step)
                 loop.progress.update()
     finally:
+        batches.close()
+        profiler.close()
         loop.close()
     log(loop.summary(step))
     return loop.last_eval
