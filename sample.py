@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from gpt_jax import data, entry, inference, metrics, sampling
+from gpt_jax import data, entry, inference, metrics, sampling, tokenization
 from gpt_jax.errors import UserError
 
 SEPARATOR = "-" * 40
@@ -83,7 +83,7 @@ def sample(args) -> None:
     for n in sorted({len(p) for p in prompts if len(p) > config.block_size}):
         print(f"the prompt has {n} tokens: the model sees its last {config.block_size} "
               "(block_size)", file=sys.stderr)
-    eot = data.end_of_text(tokenizer)
+    eot = tokenization.end_of_text(tokenizer)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
                "stop_token": eot, "window_keep": args.window_keep}

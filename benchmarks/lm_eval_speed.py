@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))  # before gpt_jax: it may not be installed
 import jax
 import numpy as np
 
-from gpt_jax import data, hf
+from gpt_jax import hf, tokenization
 from gpt_jax import lm_eval as gpt_lm_eval
 from gpt_jax.model import GPTConfig, abstract_params, count_params
 
@@ -52,7 +52,7 @@ def hf_gpt2_tokenizer():
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, eos_token=eot, bos_token=eot,
                                   unk_token=eot)
     sample = "The quick brown fox's   tail,\n\nit said<|endoftext|> 42."
-    if tokenizer.encode(sample) != data.TiktokenTokenizer("gpt2").encode(sample):
+    if tokenizer.encode(sample) != tokenization.TiktokenTokenizer("gpt2").encode(sample):
         raise SystemExit("the BPE files in TIKTOKEN_CACHE_DIR do not encode as tiktoken does")
     return tokenizer
 
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     params = jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(np.float32),
                           abstract_params(config))
     requests = requests_of(args.task, args.limit)
-    ours = gpt_lm_eval.harness_model(params, config, data.TiktokenTokenizer("gpt2"),
+    ours = gpt_lm_eval.harness_model(params, config, tokenization.TiktokenTokenizer("gpt2"),
                                      batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as directory:
         hf.write(Path(directory), params, config)

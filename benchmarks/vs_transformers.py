@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, a
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpt_jax import data, entry, hf, sampling  # noqa: E402
+from gpt_jax import entry, hf, sampling, tokenization  # noqa: E402
 from gpt_jax.errors import UserError  # noqa: E402
 
 PROMPT = "Every effort moves you"
@@ -102,7 +102,7 @@ def side_by_side(args, model, config, params) -> None:
     """Prints both sides' tokens/s at each batch size, alternating, and their ratio."""
     import torch
 
-    prompt = data.TiktokenTokenizer().encode(PROMPT)
+    prompt = tokenization.TiktokenTokenizer().encode(PROMPT)
     print(f"model: GPT-2 shapes, {config.n_layer} layers, {config.n_head} heads, "
           f"{config.n_embd} wide, random weights (float32); prompt {PROMPT!r} ({len(prompt)} "
           f"tokens), {args.new_tokens} new tokens, greedy")

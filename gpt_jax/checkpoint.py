@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gpt_jax import data
+from gpt_jax import tokenization
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
 from gpt_jax.model import (
@@ -166,7 +166,7 @@ def load_model(out_dir, step: int | None = None):
                         f"{sorted(manager.all_steps())}")
     try:
         saved_config, tokenizer_table = read_metadata(manager, step)
-        tokenizer = data.tokenizer_from_json(tokenizer_table)
+        tokenizer = tokenization.tokenizer_from_json(tokenizer_table)
         # The kernels are this machine's choice, not the one the run was trained on.
         config = GPTConfig(vocab_size=tokenizer.vocab_size,
                            **{**saved_model_fields(saved_config["model"]), "kernels": "auto"})

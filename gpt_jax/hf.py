@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gpt_jax import data, hf_llama
+from gpt_jax import hf_llama, tokenization
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import log
 from gpt_jax.model import GPTConfig, abstract_params, saved_model_fields, to_layout
@@ -254,7 +254,7 @@ def read_tokenizer(directory: Path, vocab_size: int):
     path = directory / "tokenizer.json"
     if path.is_file():
         eos = _read_json(directory).get("eos_token_id")
-        tokenizer = data.HFTokenizer(path.read_text(encoding="utf-8"),
+        tokenizer = tokenization.HFTokenizer(path.read_text(encoding="utf-8"),
                                      eos[0] if isinstance(eos, list) and eos else eos)
         if tokenizer.vocab_size > vocab_size:
             raise UserError(f"{path} has {tokenizer.vocab_size} tokens but the model only "
@@ -264,7 +264,7 @@ def read_tokenizer(directory: Path, vocab_size: int):
         raise UserError(f"{directory} has no tokenizer.json and a vocabulary of {vocab_size} "
                         f"tokens, not GPT-2's {GPT2_VOCAB_SIZE}: copy the model's "
                         "tokenizer.json into it")
-    return data.TiktokenTokenizer("gpt2")
+    return tokenization.TiktokenTokenizer("gpt2")
 
 
 # --------------------------------------------------------------------------- writing

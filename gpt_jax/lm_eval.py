@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from gpt_jax import data, entry, inference, sampling
+from gpt_jax import entry, inference, sampling, tokenization
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig
 
@@ -170,7 +170,7 @@ class Scorer:
 def rolling_prefix(tokenizer) -> int:
     """Returns the token a document is conditioned on: <|endoftext|>, or for a character
     tokenizer (no such token) a newline, or token 0 when the vocabulary has no newline."""
-    eot = data.end_of_text(tokenizer)
+    eot = tokenization.end_of_text(tokenizer)
     if eot is not None:
         return eot
     return tokenizer.encode("\n")[0] if "\n" in getattr(tokenizer, "chars", "") else 0
@@ -271,7 +271,7 @@ def _model_class():
             collator = Collator([r.args for r in requests],
                                 sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
                                 group_by="gen_kwargs", group_fn=lambda args: args[1])
-            stop_token = data.end_of_text(self.tokenizer)
+            stop_token = tokenization.end_of_text(self.tokenizer)
             out = []
             bar = tqdm.tqdm(total=len(requests), desc="generate_until", file=sys.stderr,
                             leave=False, disable=None if self.scorer.progress else True)

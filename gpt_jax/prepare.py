@@ -150,7 +150,7 @@ def prepare_bpe_corpus(source: Path, out: Path, *, val_fraction: float = 0.1,
         if counts["train"] == 0:
             raise UserError(f"the train split is empty: nothing in {source} starts before byte "
                             f"{split_byte:,}: lower --val_fraction")
-        meta = {  # the tokenizer as data.TiktokenTokenizer(encoding).to_json() writes it
+        meta = {  # the tokenizer as tokenization.TiktokenTokenizer(encoding).to_json() writes it
             "tokenizer": {"kind": "tiktoken", "encoding": encoding},
             "vocab_size": enc.n_vocab,
             "train_tokens": counts["train"],

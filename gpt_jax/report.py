@@ -105,7 +105,7 @@ def holm(p_values: list[float], alpha: float) -> list[bool]:
 
 def _params(run: Path) -> int | None:
     """Returns the parameter count of a run's model, from its newest checkpoint's config."""
-    from gpt_jax import checkpoint, data
+    from gpt_jax import checkpoint, tokenization
     from gpt_jax.model import GPTConfig, count_params, saved_model_fields
 
     if not checkpoint.has_checkpoint(run):
@@ -113,7 +113,7 @@ def _params(run: Path) -> int | None:
     manager = checkpoint.open_for_reading(run)
     saved, tokenizer = checkpoint.read_metadata(manager, manager.latest_step())
     manager.close()
-    vocab = data.tokenizer_from_json(tokenizer).vocab_size
+    vocab = tokenization.tokenizer_from_json(tokenizer).vocab_size
     return count_params(GPTConfig(vocab_size=vocab, **saved_model_fields(saved["model"])))["total"]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from gpt_jax import data, shards
+from gpt_jax import data, shards, tokenization
 from gpt_jax.errors import UserError
 
 
@@ -17,15 +17,15 @@ def _data_config(path="", cache_dir=""):
 
 
 def test_char_tokenizer_round_trip_and_table():
-    tok = data.CharTokenizer.from_text("hello, world")
+    tok = tokenization.CharTokenizer.from_text("hello, world")
     assert tok.chars == " ,dehlorw"
     assert tok.decode(tok.encode("hold")) == "hold"
-    assert data.tokenizer_from_json(json.loads(json.dumps(tok.to_json()))) == tok
+    assert tokenization.tokenizer_from_json(json.loads(json.dumps(tok.to_json()))) == tok
 
 
 def test_unknown_character_is_a_user_error():
     with pytest.raises(UserError, match=r"outside the model's vocabulary \('Z'\)"):
-        data.CharTokenizer("abc").encode("abZ")
+        tokenization.CharTokenizer("abc").encode("abZ")
 
 
 def test_shakespeare_prepares_like_nanogpt(tmp_path):

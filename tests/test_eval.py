@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 from gpt_jax import config as config_lib
-from gpt_jax import data, trainer
+from gpt_jax import data, tokenization, trainer
 from gpt_jax.errors import UserError
 from gpt_jax.metrics import token_losses
 from gpt_jax.model import GPT, init_params
@@ -72,7 +72,7 @@ def test_fixed_loss_is_the_exact_mean_over_the_windows_and_char_bpb_is_loss_over
 
 
 def test_char_bpb_counts_the_bytes_of_non_ascii_characters():
-    tokenizer = data.CharTokenizer.from_text("aé€😀")
+    tokenizer = tokenization.CharTokenizer.from_text("aé€😀")
     np.testing.assert_array_equal(tokenizer.token_bytes(), [1, 2, 3, 4])
 
 

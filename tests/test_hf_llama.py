@@ -17,7 +17,7 @@ import pytest
 from conftest import require_parity_libs, run_cli
 from safetensors.numpy import load_file, save_file
 
-from gpt_jax import checkpoint, data, export, hf, hf_llama, sampling, trainer
+from gpt_jax import checkpoint, data, export, hf, hf_llama, sampling, tokenization, trainer
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, effective_fields, init_params
 
@@ -101,7 +101,8 @@ def llama_checkpoint(tmp_path_factory):
                                           .astype(np.float32) for x in leaves])
     out_dir = tmp_path_factory.mktemp("checkpoint") / "run"
     model = {k: v for k, v in dataclasses.asdict(config).items() if k != "vocab_size"}
-    chars = data.CharTokenizer.from_text(Path(os.environ["GPT_JAX_SHAKESPEARE"]).read_text())
+    text = Path(os.environ["GPT_JAX_SHAKESPEARE"]).read_text()
+    chars = tokenization.CharTokenizer.from_text(text)
     manager = checkpoint.make_manager(out_dir)
     checkpoint.save(manager, 10, {"params": params}, {"model": model}, chars.to_json())
     manager.wait_until_finished()
@@ -287,13 +288,13 @@ def test_tensor_mismatches_name_the_tensor(mha_tied, gqa_untied, tmp_path, damag
 
 def test_tokenizer_json_encodes_decodes_and_ends_samples_at_eos(gqa_untied, mha_tied):
     tokenizer = hf.read_tokenizer(gqa_untied[1], VOCAB)
-    assert isinstance(tokenizer, data.HFTokenizer) and tokenizer.vocab_size == VOCAB
+    assert isinstance(tokenizer, tokenization.HFTokenizer) and tokenizer.vocab_size == VOCAB
     assert tokenizer.decode(tokenizer.encode("ROMEO: héllo")) == "ROMEO: héllo"
-    assert data.end_of_text(tokenizer) == EOT  # config.json's eos_token_id
+    assert tokenization.end_of_text(tokenizer) == EOT  # config.json's eos_token_id
     lengths = tokenizer.token_bytes()
     assert lengths[EOT] == 0 and lengths[tokenizer.encode("e")[0]] == 1
     assert lengths[tokenizer.encode(" the")[0]] == 4  # one merged token of four bytes
-    assert data.tokenizer_from_json(tokenizer.to_json()) == tokenizer
+    assert tokenization.tokenizer_from_json(tokenizer.to_json()) == tokenizer
     with pytest.raises(UserError, match="no tokenizer.json and a vocabulary of 300 tokens"):
         hf.read_tokenizer(mha_tied[1], VOCAB)
 

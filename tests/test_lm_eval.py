@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, require_parity_libs, run_cli
 
-from gpt_jax import checkpoint, data, hf
+from gpt_jax import checkpoint, hf, tokenization
 from gpt_jax import config as config_lib
 from gpt_jax import lm_eval as gpt_lm_eval
 from gpt_jax.model import GPT, GPTConfig, abstract_params
@@ -78,7 +78,7 @@ def hf_gpt2_tokenizer():
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, eos_token=eot, bos_token=eot,
                                   unk_token=eot)
     sample = "The cat's   tail,\n\nit  said<|endoftext|> 123 ünïcode."
-    assert tokenizer.encode(sample) == data.TiktokenTokenizer("gpt2").encode(sample)
+    assert tokenizer.encode(sample) == tokenization.TiktokenTokenizer("gpt2").encode(sample)
     return tokenizer
 
 
@@ -145,7 +145,7 @@ def test_scores_equal_a_plain_forward_in_few_compiled_shapes():
 
 def test_the_three_request_types_equal_the_hf_backend(tiny_gpt2, hf_backend):
     config, params, _ = tiny_gpt2
-    tokenizer = data.TiktokenTokenizer("gpt2")
+    tokenizer = tokenization.TiktokenTokenizer("gpt2")
     ours = gpt_lm_eval.harness_model(params, config, tokenizer, batch_size=8)
     kwargs = {"bootstrap_iters": 0, "log_samples": True}
     got = gpt_lm_eval.run_tasks(ours, [MC, PROSE, COMPLETION], **kwargs)
@@ -173,7 +173,8 @@ def test_the_three_request_types_equal_the_hf_backend(tiny_gpt2, hf_backend):
 
 def test_evaluate_returns_clean_metrics(tiny_gpt2):
     config, params, _ = tiny_gpt2
-    metrics = gpt_lm_eval.evaluate(params, config, data.TiktokenTokenizer("gpt2"), [MC, PROSE],
+    bpe = tokenization.TiktokenTokenizer("gpt2")
+    metrics = gpt_lm_eval.evaluate(params, config, bpe, [MC, PROSE],
                                    limit=4, batch_size=8)
     assert set(metrics) == {"local_hellaswag", "local_prose"}
     assert set(metrics["local_hellaswag"]) == {"acc", "acc_norm"}
@@ -185,7 +186,7 @@ def save_char_checkpoint(config) -> None:
     """Writes a random character-level model (tiny-shakespeare's table) as a step-0 checkpoint
     of `config`, as training would."""
     config = config_lib.resolve_backend_fields(config, jax.default_backend())
-    tokenizer = data.CharTokenizer.from_text(
+    tokenizer = tokenization.CharTokenizer.from_text(
         Path(os.environ["GPT_JAX_SHAKESPEARE"]).read_text(encoding="utf-8"))
     model = GPTConfig(vocab_size=tokenizer.vocab_size, **config.model)
     manager = checkpoint.make_manager(config.out_dir)

@@ -9,7 +9,7 @@ import tiktoken
 from conftest import run_cli
 from ml_collections import ConfigDict
 
-from gpt_jax import data, prepare
+from gpt_jax import data, prepare, tokenization
 from gpt_jax.errors import UserError
 
 ENC = tiktoken.get_encoding("gpt2")
@@ -53,7 +53,7 @@ def test_shakespeare_tokens_equal_the_whole_text_encoding(tmp_path):
                     "train_tokens": 301_967, "val_tokens": 36_059, "documents": 1,
                     "source": str(path), "input_bytes": 1_115_394, "val_fraction": 0.1}
     ds = data.read_prepared(tmp_path / "bpe")
-    assert ds.tokenizer == data.TiktokenTokenizer("gpt2") and len(ds.val) == 36_059
+    assert ds.tokenizer == tokenization.TiktokenTokenizer("gpt2") and len(ds.val) == 36_059
     assert sorted(os.listdir(tmp_path)) == ["bpe"]  # no temporary directory left behind
 
 
@@ -192,7 +192,8 @@ def _data_config(path="", cache_dir="", tokenizer="gpt2"):
 
 def test_load_dataset_prepares_bpe_in_the_cache(tmp_path, monkeypatch):
     ds = data.load_dataset(_data_config(cache_dir=tmp_path))
-    assert isinstance(ds.tokenizer, data.TiktokenTokenizer) and ds.tokenizer.vocab_size == 50257
+    assert isinstance(ds.tokenizer, tokenization.TiktokenTokenizer)
+    assert ds.tokenizer.vocab_size == 50257
     assert (len(ds.train), len(ds.val)) == (301_967, 36_059)
     assert ds.directory.parent == tmp_path / "gpt2"  # keyed by hash, not beside the text
     assert ds.tokenizer.decode(ds.train[:3]) == "First Citizen:"
@@ -227,7 +228,7 @@ def test_cli_prepares_and_prints_a_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"prepared {tmp_path / 'out'}: 361 train + 40 val tokens "
                                     "(401 total) from 1 document(s) in ")
-    assert data.read_prepared(tmp_path / "out").tokenizer == data.TiktokenTokenizer("gpt2")
+    assert data.read_prepared(tmp_path / "out").tokenizer == tokenization.TiktokenTokenizer("gpt2")
 
 
 @pytest.mark.parametrize("case, message", [

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import data, sampling
+from gpt_jax import sampling, tokenization
 from gpt_jax.errors import UserError
 from gpt_jax.model import GPT, GPTConfig, init_params
 
@@ -178,7 +178,7 @@ def test_truncate_at_stop_token_and_stop_strings():
 
 
 def test_records_cut_each_row_and_rate_the_steps_run():
-    from gpt_jax.data import CharTokenizer, TiktokenTokenizer
+    from gpt_jax.tokenization import CharTokenizer, TiktokenTokenizer
 
     tokens = np.array([[0, 7, 7, 7, 7], [1, 2, 0, 7, 7]])  # 7 stops row 0 at step 2, row 1 at 4
     out = sampling.records(["P", "Q"], [[5], [5, 6]], tokens, _char_decode, ["\n"], 7, 2.0)
@@ -187,13 +187,13 @@ def test_records_cut_each_row_and_rate_the_steps_run():
         {"prompt": "Q", "prompt_tokens": [5, 6], "text": "b", "tokens": [1],
          "tokens_per_sec": 2.0},  # 4 steps in 2 s: the loop ran until the last row stopped
     ]
-    assert data.end_of_text(TiktokenTokenizer("gpt2")) == 50256
-    assert data.end_of_text(CharTokenizer("ab<|>")) is None
+    assert tokenization.end_of_text(TiktokenTokenizer("gpt2")) == 50256
+    assert tokenization.end_of_text(CharTokenizer("ab<|>")) is None
 
 
 @pytest.mark.parametrize("stops", [[], ["\n\n"], ["🦜"], ["wörld 🦜"], ["ld 🦜 en", "x"]])
 def test_stream_text_adds_up_to_truncate(stops):
-    from gpt_jax.data import TiktokenTokenizer
+    from gpt_jax.tokenization import TiktokenTokenizer
 
     tok = TiktokenTokenizer("gpt2")
     ids = tok.encode("Hello wörld 🦜 end\n\nmore 🦜<|endoftext|> after")

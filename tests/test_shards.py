@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt_jax import data, shards, trainer
+from gpt_jax import data, shards, tokenization, trainer
 from gpt_jax.errors import UserError
 
 TRAIN_LENGTHS = (1000, 777, 1, 1500)  # 777 and 1 are no multiple of any block size
@@ -133,7 +133,7 @@ def test_prepare_reads_parquet_rows_as_documents(tmp_path):
         pq.write_table(table, tmp_path / "pq" / f"{part:03d}.parquet", row_group_size=8)
     meta = prepare.prepare_bpe_corpus(tmp_path / "pq", tmp_path / "out", val_fraction=0.1,
                                       show_progress=False, shard_tokens=500)
-    enc = data.TiktokenTokenizer("gpt2")
+    enc = tokenization.TiktokenTokenizer("gpt2")
     expected = [enc.encode(t) + [50256] for t in texts]  # one document per row; the last 10% val
     ds = data.read_prepared(tmp_path / "out")
     for split, rows in (("train", expected[:45]), ("val", expected[45:])):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt_jax import checkpoint, data, loop, optim, trainer
+from gpt_jax import checkpoint, data, loop, optim, tokenization, trainer
 from gpt_jax import config as config_lib
 from gpt_jax import metrics as metrics_lib
 from gpt_jax.errors import UserError
@@ -16,7 +16,8 @@ from gpt_jax.model import GPT, GPTConfig
 def _params(out_dir, step):
     manager = checkpoint.open_for_reading(out_dir)
     cfg, tok = checkpoint.read_metadata(manager, step)
-    model_cfg = GPTConfig(vocab_size=data.tokenizer_from_json(tok).vocab_size, **cfg["model"])
+    vocab_size = tokenization.tokenizer_from_json(tok).vocab_size
+    model_cfg = GPTConfig(vocab_size=vocab_size, **cfg["model"])
     from gpt_jax.model import abstract_params
     return checkpoint.restore_params(manager, step, abstract_params(model_cfg))
 
